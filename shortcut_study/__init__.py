@@ -1,0 +1,1 @@
+"""shortcut_study: shortcut learning in CNNs on CIFAR-10 + MNIST composites."""

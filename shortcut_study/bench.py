@@ -1,0 +1,182 @@
+"""`bench`: a table of training speed and accuracy on this machine, written as CSV and Markdown.
+
+Rows: the reference pipeline (PIL + torchvision v2 + DataLoader), the fast on-device loop, and
+full training runs of the presets (`fast`, `best`, `erm`). `--quick` measures throughput only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .config import REPO_ROOT, Config, make_config
+from .data.layout import load_split
+from .errors import atomic_path, write_text_atomic
+from .evaluate import evaluate_split
+from .methods import METHODS
+from .model import CNN, load_model
+from .runtime import resolve_runtime
+from .train import FolderDataset, fast_batches, fit, load_data, make_optimizer, reference_batches, reference_transform
+
+BENCH_DIR = REPO_ROOT / "experiments" / "bench"
+
+
+def measure_throughput(cfg: Config, data: str | Path, steps: int, warmup: int = 5) -> float:
+    """Training images/s over `steps` optimizer steps (after `warmup`), data loading included."""
+    t = cfg.train
+    rt = resolve_runtime(t.device, t.precision, t.channels_last)
+    torch.manual_seed(t.seed)
+    train, _ = load_data(cfg, data, rt)
+    model = CNN().to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, cfg)
+    method = METHODS[t.method]
+    if t.pipeline == "reference":
+        loader = torch.utils.data.DataLoader(
+            FolderDataset(Path(data), train.files, train.labels.cpu(), reference_transform(cfg)),
+            batch_size=t.batch_size, shuffle=True, drop_last=True, num_workers=t.num_workers,
+            persistent_workers=t.num_workers > 0)
+
+        def batches():
+            while True:
+                yield from reference_batches(loader, cfg, rt)
+    else:
+        def batches():
+            while True:
+                yield from fast_batches(train, cfg, rt)
+    seen, start = 0, None
+    for i, (x, y) in enumerate(batches()):
+        if i == warmup:
+            start, seen = time.perf_counter(), 0
+        if i == warmup + steps:
+            break
+        with rt.autocast():
+            loss, _ = method(model, rt.prepare(x), y, t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seen += len(y)
+    return seen / (time.perf_counter() - start)
+
+
+def profile_fast_loop(cfg: Config, data: str | Path, steps: int = 20) -> str:
+    """Where the fast loop's time goes, by operator family (self CPU time under torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from .augment import augment_batch
+
+    t = cfg.train
+    rt = resolve_runtime(t.device, t.precision, t.channels_last)
+    train, _ = load_data(cfg, data, rt)
+    model = CNN().to(rt.device).to(memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
+    opt = make_optimizer(model, cfg)
+    method = METHODS[t.method]
+
+    def step(idx):
+        with record_function("augmentation"):
+            x = augment_batch(train.images[idx], cfg.augment, cfg.geometry)
+        with rt.autocast():
+            loss, _ = method(model, rt.prepare(x), train.labels[idx], t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with record_function("optimizer"):
+            opt.step()
+
+    bs = t.batch_size
+    for i in range(3):
+        step(torch.arange(i * bs, (i + 1) * bs) % len(train))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(steps):
+            step(torch.randint(0, len(train), (bs,)))
+    families = {"conv fwd": ("mkldnn_convolution", "aten::convolution", "aten::_convolution", "aten::conv2d"),
+                "conv bwd": ("convolution_backward",), "batch norm": ("batch_norm",),
+                "pooling": ("max_pool", "adaptive_avg_pool", "avg_pool"), "relu": ("relu", "threshold")}
+    totals = {k: 0.0 for k in (*families, "augmentation", "optimizer", "other")}
+    events = prof.key_averages()
+    for ev in events:
+        name = ev.key
+        if name in ("augmentation", "optimizer"):
+            totals[name] += ev.cpu_time_total  # inclusive time of the labelled ranges
+            continue
+        if name.startswith("ProfilerStep"):
+            continue
+        fam = next((f for f, keys in families.items() if any(k in name for k in keys)), "other")
+        totals[fam] += ev.self_cpu_time_total
+    # self time of ops inside the labelled ranges was counted twice; remove it from "other"
+    whole = sum(ev.self_cpu_time_total for ev in events)
+    totals["other"] = max(0.0, whole - sum(v for k, v in totals.items() if k != "other"))
+    total = sum(totals.values()) or 1.0
+    return "profile (fast loop, share of CPU time): " + ", ".join(f"{k} {v / total * 100:.0f} %" for k, v in totals.items())
+
+
+def _minutes_to(history: list[dict[str, float]], target: float) -> float:
+    elapsed = 0.0
+    for h in history:
+        elapsed += h["train_seconds"] + h["eval_seconds"]
+        if h["val_acc"] >= target:
+            return elapsed / 60
+    return math.nan
+
+
+def full_row(label: str, preset: str, data: str | Path, out_root: Path, sets: list[str]) -> dict[str, float | str]:
+    cfg = make_config(preset, sets)
+    result = fit(cfg, data, out_root / preset, quiet=False)
+    rt = resolve_runtime(cfg.train.device, cfg.train.precision, cfg.train.channels_last)
+    test = load_split(data, "test", cfg.geometry.canvas)
+    model = load_model(out_root / preset / "q1_model.pt", rt.device)
+    tm, _ = evaluate_split(model, test, rt, tta_flip=cfg.train.tta_flip, geom=cfg.geometry) if test.has_labels else ({}, None)
+    epochs = len(result.history)
+    return {"row": label, "preset": preset, "epochs": epochs, "images_per_s": result.images_per_s,
+            "s_per_epoch": result.train_seconds / max(1, epochs), "min_to_75_val": _minutes_to(result.history, 75.0),
+            "train_min": result.train_seconds / 60, "val_acc": result.best.get("acc", math.nan),
+            "test_acc": tm.get("acc", math.nan), "test_aligned_acc": tm.get("aligned_acc", math.nan),
+            "test_conflicting_acc": tm.get("conflicting_acc", math.nan)}
+
+
+def machine_line() -> str:
+    rt = resolve_runtime()
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{rt.describe()}")
+
+
+def run_bench(data: str | Path, quick: bool = False, presets: tuple[str, ...] = ("fast", "best", "erm"),
+              sets: list[str] | None = None, steps: int = 60, md: str | Path | None = None,
+              out_dir: Path = BENCH_DIR) -> str:
+    sets = sets or []
+    rows: list[dict[str, float | str]] = []
+    base = make_config("best", sets)
+    ref = make_config("best", sets + ["train.pipeline=reference"])
+    ref_ips = measure_throughput(ref, data, steps=max(10, steps // 2))
+    fast_ips = measure_throughput(base, data, steps=steps)
+    rows.append({"row": "reference pipeline (throughput)", "preset": "best", "images_per_s": ref_ips,
+                 "s_per_epoch": 45_000 / ref_ips})
+    rows.append({"row": "fast loop (throughput)", "preset": "best", "images_per_s": fast_ips,
+                 "s_per_epoch": 45_000 / fast_ips})
+    fp32 = make_config("best", sets + ["train.precision=fp32"])
+    rows.append({"row": "fast loop fp32 (throughput)", "preset": "best",
+                 "images_per_s": (ips := measure_throughput(fp32, data, steps=steps)), "s_per_epoch": 45_000 / ips})
+    profile_line = profile_fast_loop(base, data)
+    if not quick:
+        out_root = out_dir / "runs"
+        for preset in presets:
+            rows.append(full_row(f"{preset} (full run)", preset, data, out_root, sets))
+    df = pd.DataFrame(rows)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    with atomic_path(out_dir / f"bench-{stamp}{'-quick' if quick else ''}.csv") as tmp:
+        df.to_csv(tmp, index=False)
+    table = df.to_markdown(index=False, floatfmt=".2f")
+    text = "\n".join([f"machine: {machine_line()}", table, f"speed-up fast/reference: {fast_ips / ref_ips:.2f}x",
+                      profile_line])
+    if md:
+        write_text_atomic(md, f"# Benchmark ({dt.date.today()})\n\n```\n{text}\n```\n")
+    return text
+

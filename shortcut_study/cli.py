@@ -1,0 +1,222 @@
+"""`shortcut-study` command line: argument parsing only; every command calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _add_config_args(p: argparse.ArgumentParser, epochs: bool = True) -> None:
+    p.add_argument("--preset", help="a preset name from experiments/presets/ or a .toml path")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override any config value, e.g. --set train.lr=0.05 (repeatable)")
+    if epochs:
+        p.add_argument("--epochs", type=int, help="shorthand for --set train.epochs=N")
+        p.add_argument("--seed", type=int, help="shorthand for --set train.seed=N")
+
+
+def _config(args: argparse.Namespace, base: dict | None = None):
+    from .config import make_config
+
+    sets = list(args.set)
+    for name in ("epochs", "seed", "subset"):
+        if getattr(args, name, None) is not None:
+            sets.append(f"train.{name}={getattr(args, name)}")
+    return make_config(getattr(args, "preset", None), sets, base)
+
+
+def cmd_data_build(args: argparse.Namespace) -> None:
+    from .config import make_config
+    from .data.composite import build_dataset
+
+    sets = list(args.set) + ([f"build.seed={args.seed}"] if args.seed is not None else [])
+    cfg = make_config(args.preset, sets)
+    t0 = time.perf_counter()
+    table = build_dataset(args.cifar, args.mnist, args.out, cfg.build, cfg.geometry, args.download)
+    print(table)
+    print(f"built {args.out} in {time.perf_counter() - t0:.1f} s")
+
+
+def cmd_data_annotate(args: argparse.Namespace) -> None:
+    from .data.oracle import annotate
+
+    print(annotate(args.data, oracle=args.oracle, mnist=args.mnist, force=args.force))
+
+
+def cmd_data_oracle(args: argparse.Namespace) -> None:
+    from .data.oracle import train_oracle
+
+    print(train_oracle(args.mnist, args.out, epochs=args.epochs, seed=args.seed))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train import fit
+
+    cfg = _config(args)
+    result = fit(cfg, args.data, args.out, resume=args.resume)
+    b = result.best
+    print(f"best epoch {result.best_epoch}: val acc {b['acc']:.2f} %, aligned {b.get('aligned_acc', float('nan')):.2f} %, "
+          f"conflicting {b.get('conflicting_acc', float('nan')):.2f} % | {result.train_seconds:.0f} s training, "
+          f"{result.images_per_s:.0f} images/s ({result.runtime})")
+    print(f"checkpoint: {Path(args.out) / 'q1_model.pt'}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from .evaluate import predict_folder
+
+    n = predict_folder(args.checkpoint, args.images, args.out, canvas=args.canvas, tta_flip=args.tta_flip)
+    print(f"wrote {n} predictions to {args.out}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import format_metrics, grade
+
+    print(format_metrics(grade(args.predictions, args.labels)))
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from .study import SweepOptions, sweep
+
+    opts = SweepOptions(data=Path(args.data), study=args.study, n_trials=args.n_trials,
+                        timeout=args.timeout or None, storage=args.storage, tracking_uri=args.tracking_uri,
+                        epochs=args.epochs, subset=args.subset, objective=args.objective, seed=args.seed,
+                        sets=tuple(args.set), heartbeat=args.heartbeat, grace=args.grace)
+    print(sweep(opts))
+
+
+def cmd_best(args: argparse.Namespace) -> None:
+    from .study import best
+
+    print(best(args.data, args.study, args.storage, args.tracking_uri, args.out))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import build_report
+
+    print(build_report(args.checkpoint, args.data, args.out, history=args.history, study=args.study or None,
+                       storage=args.storage, tracking_uri=args.tracking_uri, layers=tuple(args.layers.split(","))))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import run_bench
+
+    print(run_bench(args.data, quick=args.quick, presets=tuple(args.presets.split(",")), sets=args.set,
+                    steps=args.steps, md=args.md))
+
+
+def _add_study_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="data/course")
+    p.add_argument("--study", default="shortcut", help="study name (= MLflow experiment name)")
+    p.add_argument("--storage", help="Optuna storage: an RDB URL (default sqlite:///studies/optuna.db), "
+                   "postgresql://… for several machines, or PATH.journal")
+    p.add_argument("--tracking-uri", help="MLflow store (default sqlite:///mlruns/mlflow.db)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shortcut-study", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="build or annotate a composite dataset").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("build", help="build the 40x40 composite dataset in the course layout")
+    p.add_argument("--cifar", required=True, help="CIFAR-10: torchvision root, class-folder tree or .tar.gz")
+    p.add_argument("--mnist", required=True, help="MNIST: torchvision root, class-folder tree or .tar.gz")
+    p.add_argument("--out", required=True, help="output dataset folder")
+    p.add_argument("--seed", type=int, help="shorthand for --set build.seed=N")
+    p.add_argument("--download", action="store_true", help="fetch missing sources with torchvision (online)")
+    p.add_argument("--preset", help=argparse.SUPPRESS)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="e.g. --set build.train_agreement=0.9 --set geometry.digit_size=12")
+    p.set_defaults(func=cmd_data_build)
+
+    p = data.add_parser("annotate", help="label each image's digit with the digit oracle (writes metadata.csv)")
+    p.add_argument("data", help="dataset folder in the course layout")
+    p.add_argument("--oracle", help="oracle weights (default: the one shipped with the package)")
+    p.add_argument("--mnist", help="MNIST source to train an oracle when none is shipped")
+    p.add_argument("--force", action="store_true", help="replace an existing metadata.csv")
+    p.set_defaults(func=cmd_data_annotate)
+
+    p = data.add_parser("oracle", help="train the digit oracle on MNIST rendered as in the composites")
+    p.add_argument("--mnist", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_oracle)
+
+    p = sub.add_parser("train", help="train the required CNN on a dataset folder")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="run folder (q1_model.pt, last.pt, history.csv)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    p.add_argument("--subset", type=int, help="shorthand for --set train.subset=N")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="write <file>,<label> for every PNG of a folder")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--images", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--canvas", type=int, default=40, help="expected image size in pixels")
+    p.add_argument("--tta-flip", action="store_true", help="average with the CIFAR-patch-flipped view")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="grade a predictions file against test_labels.csv")
+    p.add_argument("--predictions", required=True)
+    p.add_argument("--labels", required=True)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("sweep", help="run or resume the Optuna study; every trial is an MLflow run")
+    _add_study_args(p)
+    p.add_argument("--n-trials", type=int, default=24, help="finished trials the study should hold")
+    p.add_argument("--timeout", type=float, default=40 * 60, help="seconds; 0 = none")
+    p.add_argument("--epochs", type=int, help="fix the epochs of every trial (default: searched)")
+    p.add_argument("--subset", type=int, default=15_000, help="train on N training images (0 = all)")
+    p.add_argument("--objective", default="val_acc", help="val_acc or worst_group")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed")
+    p.add_argument("--heartbeat", type=int, default=30, help="seconds between trial heartbeats (RDB storage)")
+    p.add_argument("--grace", type=int, default=90, help="seconds without heartbeat before a trial is failed")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="base config for every trial (repeatable)")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("best", help="export the best run's q1_model.pt and q1_test.txt")
+    _add_study_args(p)
+    p.add_argument("--out", default="results")
+    p.set_defaults(func=cmd_best)
+
+    p = sub.add_parser("report", help="figures and report.pdf for a checkpoint (default: the exported best run)")
+    _add_study_args(p)
+    p.add_argument("--checkpoint", help="default: OUT/q1_model.pt from `best`")
+    p.add_argument("--out", default="results")
+    p.add_argument("--history", help="history.csv of the run (default: beside the checkpoint, or from MLflow)")
+    p.add_argument("--layers", default="conv1,conv5", help="layers for the class-wise activation plots")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("bench", help="training speed and accuracy table for this machine")
+    p.add_argument("--data", default="data/course")
+    p.add_argument("--quick", action="store_true", help="throughput rows only (a few minutes)")
+    p.add_argument("--presets", default="fast,best,erm", help="presets trained in full (not with --quick)")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps per throughput row")
+    p.add_argument("--md", help="also write the table as Markdown to this file")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

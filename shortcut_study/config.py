@@ -1,0 +1,270 @@
+"""One typed configuration tree for the whole tool, with defaults that serve.
+
+Every field is reachable from the command line as ``--set section.field=value`` and presets are
+TOML files of the same shape (``experiments/presets/NAME.toml``). The flattened tree is what gets
+logged to MLflow with each run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PRESET_DIR = REPO_ROOT / "experiments" / "presets"
+
+CIFAR_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+NUM_CLASSES = 10
+# The handout's channel-wise normalisation constants (what the 40x40 course layout gives).
+NORM_MEAN = (0.438, 0.435, 0.422)
+NORM_STD = (0.228, 0.225, 0.231)
+
+
+def _check(ok: bool, name: str, value: Any, want: str) -> None:
+    if not ok:
+        raise UserError(f"bad config value {name}={value!r}: must be {want}")
+
+
+@dataclass
+class GeometryConfig:
+    """Where the CIFAR image and the MNIST digit sit on the canvas (default: the course's layout)."""
+
+    canvas: int = 40
+    gray: int = 127
+    cifar_size: int = 24
+    cifar_top: int = 0
+    cifar_left: int = 0
+    digit_size: int = 16
+    digit_top: int = 24
+    digit_left: int = 24
+
+    def validate(self) -> None:
+        _check(self.canvas >= 8, "geometry.canvas", self.canvas, ">= 8")
+        _check(0 <= self.gray <= 255, "geometry.gray", self.gray, "in 0..255")
+        for name, size, top, left in (
+            ("cifar", self.cifar_size, self.cifar_top, self.cifar_left),
+            ("digit", self.digit_size, self.digit_top, self.digit_left),
+        ):
+            _check(size >= 4, f"geometry.{name}_size", size, ">= 4")
+            _check(0 <= top and top + size <= self.canvas, f"geometry.{name}_top", top,
+                   f"such that the {name} patch fits the {self.canvas}px canvas")
+            _check(0 <= left and left + size <= self.canvas, f"geometry.{name}_left", left,
+                   f"such that the {name} patch fits the {self.canvas}px canvas")
+
+    @property
+    def cifar_box(self) -> tuple[slice, slice]:
+        return (slice(self.cifar_top, self.cifar_top + self.cifar_size),
+                slice(self.cifar_left, self.cifar_left + self.cifar_size))
+
+    @property
+    def digit_box(self) -> tuple[slice, slice]:
+        return (slice(self.digit_top, self.digit_top + self.digit_size),
+                slice(self.digit_left, self.digit_left + self.digit_size))
+
+
+@dataclass
+class BuildConfig:
+    """How the composite dataset is drawn from CIFAR-10 and MNIST."""
+
+    seed: int = 0
+    train_size: int = 45_000
+    val_size: int = 5_000
+    test_size: int = 10_000
+    # Fraction of training images whose digit equals the label. 0.64 = the course's rate
+    # (digit = label with probability 0.6, else a uniform digit). 0.1 = no shortcut.
+    train_agreement: float = 0.64
+    eval_agreement: float = 0.1
+
+    def validate(self) -> None:
+        for name in ("train_size", "val_size", "test_size"):
+            _check(getattr(self, name) >= 1, f"build.{name}", getattr(self, name), ">= 1")
+        for name in ("train_agreement", "eval_agreement"):
+            v = getattr(self, name)
+            _check(0.1 <= v <= 1.0, f"build.{name}", v, "in [0.1, 1] (0.1 = independent digit)")
+
+
+FLIP_MODES = ("none", "patch", "image", "both")
+
+
+@dataclass
+class AugmentConfig:
+    """Batched on-device augmentations (see `augment.py`); 0 turns one off."""
+
+    flip: str = "patch"  # none | patch (the CIFAR patch alone) | image (whole canvas) | both
+    flip_p: float = 0.5
+    translate: int = 2  # max shift in pixels of the CIFAR patch (reflect-padded)
+    noise_sigma: float = 0.0  # GaussianNoise after normalisation, unclipped
+    erase_p: float = 0.0  # RandomErasing probability
+    erase_scale_min: float = 0.02
+    erase_scale_max: float = 0.2
+    digit_shuffle_p: float = 1.0  # swap the digit patch with another image's in the batch
+
+    def validate(self) -> None:
+        _check(self.flip in FLIP_MODES, "augment.flip", self.flip, f"one of {FLIP_MODES}")
+        for name in ("flip_p", "erase_p", "digit_shuffle_p"):
+            v = getattr(self, name)
+            _check(0.0 <= v <= 1.0, f"augment.{name}", v, "in [0, 1]")
+        _check(0 <= self.translate <= 8, "augment.translate", self.translate, "in 0..8")
+        _check(self.noise_sigma >= 0, "augment.noise_sigma", self.noise_sigma, ">= 0")
+        _check(0 < self.erase_scale_min <= self.erase_scale_max <= 1,
+               "augment.erase_scale_min/max", (self.erase_scale_min, self.erase_scale_max),
+               "0 < min <= max <= 1")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 256
+    optimizer: str = "sgd"  # sgd (Nesterov momentum) | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # see train.SCHEDULES
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    ema_decay: float = 0.0  # 0 = off; else evaluate an exponential moving average of weights
+    tta_flip: bool = False  # average logits with the CIFAR-patch-flipped view at evaluation
+    method: str = "erm"  # see methods.METHODS
+    pipeline: str = "fast"  # fast (tensors on the device) | reference (ImageFolder + DataLoader)
+    subset: int = 0  # train on the first N training images (0 = all)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 where the hardware has it) | bf16 | fp32
+    channels_last: bool = True
+    eval_batch_size: int = 1024
+    num_workers: int = 2  # reference pipeline only
+
+    def validate(self) -> None:
+        from .methods import METHODS
+        from .train import SCHEDULES
+
+        _check(1 <= self.epochs <= 1000, "train.epochs", self.epochs, "in 1..1000")
+        _check(1 <= self.batch_size <= 65536, "train.batch_size", self.batch_size, "in 1..65536")
+        _check(self.optimizer in ("sgd", "adamw"), "train.optimizer", self.optimizer, "sgd or adamw")
+        _check(0 < self.lr <= 10, "train.lr", self.lr, "in (0, 10]")
+        _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "in [0, 1)")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
+        _check(self.schedule in SCHEDULES, "train.schedule", self.schedule, f"one of {sorted(SCHEDULES)}")
+        _check(0 <= self.warmup_epochs <= self.epochs, "train.warmup_epochs", self.warmup_epochs,
+               "between 0 and train.epochs")
+        _check(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "in [0, 1)")
+        _check(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "in [0, 1)")
+        _check(self.method in METHODS, "train.method", self.method, f"one of {sorted(METHODS)}")
+        _check(self.pipeline in ("fast", "reference"), "train.pipeline", self.pipeline, "fast or reference")
+        _check(self.subset >= 0, "train.subset", self.subset, ">= 0")
+        _check(self.precision in ("auto", "bf16", "fp32"), "train.precision", self.precision,
+               "auto, bf16 or fp32")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+               "train.device", self.device, "auto, cpu, cuda or cuda:N")
+        _check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, ">= 1")
+        _check(self.num_workers >= 0, "train.num_workers", self.num_workers, ">= 0")
+
+
+@dataclass
+class Config:
+    geometry: GeometryConfig = field(default_factory=GeometryConfig)
+    build: BuildConfig = field(default_factory=BuildConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> Config:
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).validate()
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """`{"section.field": value}` for logging."""
+        return {f"{s}.{k}": v for s, sub in dataclasses.asdict(self).items() for k, v in sub.items()}
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, tree: dict[str, dict[str, Any]]) -> Config:
+        cfg = cls()
+        for section, values in tree.items():
+            for key, value in values.items():
+                set_value(cfg, f"{section}.{key}", value)
+        return cfg.validate()
+
+
+def _convert(value: Any, kind: type, name: str) -> Any:
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        try:
+            if kind is bool:
+                if text.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if text.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError
+            if kind is int:
+                return int(float(text)) if float(text).is_integer() else int(text)
+            return kind(text)
+        except ValueError:
+            raise UserError(f"bad config value {name}={value!r}: must be a {kind.__name__}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UserError(f"bad config value {name}={value!r}: must be a {kind.__name__}")
+    return value
+
+
+def set_value(cfg: Config, dotted: str, value: Any) -> None:
+    """Set `section.field` on `cfg`, converting strings to the field's type."""
+    section_name, _, key = dotted.partition(".")
+    section = getattr(cfg, section_name, None) if section_name in _SECTIONS else None
+    if section is None or not key:
+        raise UserError(f"unknown config key {dotted!r}: sections are {', '.join(_SECTIONS)}")
+    hints = typing.get_type_hints(type(section))
+    if key not in hints:
+        raise UserError(f"unknown config key {dotted!r}: {section_name} has {', '.join(hints)}")
+    setattr(section, key, _convert(value, hints[key], dotted))
+
+
+_SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def load_preset(name_or_path: str) -> dict[str, dict[str, Any]]:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise UserError(f"preset not found: {name_or_path} — choose one of {preset_names()} or give a .toml path")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"preset {path} is not valid TOML: {exc}") from None
+
+
+def make_config(preset: str | None = None, sets: list[str] | None = None,
+                base: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Defaults, then `base` (e.g. a saved run's config), then a preset, then `--set` overrides."""
+    cfg = Config()
+    for tree in (base, load_preset(preset) if preset else None):
+        for section, values in (tree or {}).items():
+            if not isinstance(values, dict):
+                raise UserError(f"preset entry {section!r} must be a [section] table")
+            for key, value in values.items():
+                set_value(cfg, f"{section}.{key}", value)
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r}: write it as section.field=value")
+        set_value(cfg, key.strip(), value)
+    return cfg.validate()

@@ -1,0 +1,373 @@
+"""Figures and the PDF report: filters, class-wise activations, confusion, curves, shortcut
+diagnostics, sweep summary. Every number in the text is computed here, never typed."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
+
+from .config import CIFAR_CLASSES, GeometryConfig  # noqa: E402
+from .data.layout import load_split  # noqa: E402
+from .diagnostics import class_activation_norms, selectivity, shortcut_diagnostics  # noqa: E402
+from .errors import UserError, atomic_path  # noqa: E402
+from .evaluate import confusion, evaluate_split, rubric_band  # noqa: E402
+from .model import CNN, load_model  # noqa: E402
+from .runtime import resolve_runtime  # noqa: E402
+from .tracking import confusion_figure  # noqa: E402
+
+SHORT = ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+@dataclass
+class Page:
+    name: str  # figures/<name>.png
+    fig: plt.Figure
+    text: str = ""
+    in_pdf: bool = True
+
+
+@dataclass
+class Report:
+    headline: list[str] = field(default_factory=list)
+    pages: list[Page] = field(default_factory=list)
+
+    def add(self, name: str, fig: plt.Figure, text: str = "", in_pdf: bool = True) -> None:
+        self.pages.append(Page(name, fig, text, in_pdf))
+
+
+# ---- figures ------------------------------------------------------------------------------------
+
+def conv1_filter_figures(model: CNN) -> tuple[plt.Figure, plt.Figure]:
+    w = model.conv1.weight.detach().cpu().numpy()  # (16, 3, 7, 7)
+    rgb, ax = plt.subplots(2, 8, figsize=(10, 3.2))
+    for i, a in enumerate(ax.flat):
+        f = w[i].transpose(1, 2, 0)
+        a.imshow((f - f.min()) / max(f.max() - f.min(), 1e-12), interpolation="nearest")
+        a.set_title(f"filter {i}", fontsize=8)
+        a.axis("off")
+    rgb.suptitle("conv1 filters (3x7x7 each, min-max normalised, shown as RGB)")
+    rgb.tight_layout()
+    chans, ax = plt.subplots(3, 16, figsize=(13, 3.4))
+    lim = np.abs(w).max()
+    for c in range(3):
+        for i in range(16):
+            ax[c, i].imshow(w[i, c], cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+            ax[c, i].set_xticks([])
+            ax[c, i].set_yticks([])
+            if c == 0:
+                ax[c, i].set_title(str(i), fontsize=8)
+        ax[c, 0].set_ylabel("RGB"[c], rotation=0, labelpad=10)
+    chans.suptitle("conv1 filters per input channel (red = positive, blue = negative, shared scale)")
+    chans.tight_layout()
+    return rgb, chans
+
+
+def filter_bar(norms: np.ndarray, layer: str, i: int) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(4.2, 2.6))
+    ax.bar(range(10), norms[:, i], color="tab:blue")
+    ax.set_xticks(range(10), SHORT, rotation=60, fontsize=7)
+    ax.set_ylabel("mean ||activation||₂")
+    ax.set_title(f"{layer} filter {i}: class-wise mean activation norm", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def norms_overview(norms: np.ndarray, layer: str, start: int, count: int) -> plt.Figure:
+    cols = 4
+    rows = math.ceil(count / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(11, 2.1 * rows), squeeze=False)
+    for k, a in enumerate(axes.flat):
+        i = start + k
+        if k >= count:
+            a.axis("off")
+            continue
+        a.bar(range(10), norms[:, i], color="tab:blue")
+        a.set_title(f"{layer} filter {i}", fontsize=8)
+        a.set_xticks(range(10), SHORT, rotation=90, fontsize=6)
+        a.tick_params(axis="y", labelsize=6)
+    fig.suptitle(f"{layer}: class-wise mean activation norm, filters {start}–{start + count - 1}")
+    fig.tight_layout()
+    return fig
+
+
+def norms_heatmap(norms: np.ndarray, layer: str) -> plt.Figure:
+    rel = norms / np.maximum(norms.mean(0, keepdims=True), 1e-12)  # each filter relative to its own mean
+    fig, ax = plt.subplots(figsize=(min(14, 2 + norms.shape[1] * 0.14), 3.6))
+    im = ax.imshow(rel, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(10), CIFAR_CLASSES, fontsize=7)
+    ax.set_xlabel("filter")
+    ax.set_title(f"{layer}: class-wise mean activation norm / the filter's mean over classes")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    return fig
+
+
+def selectivity_figure(sel: dict[str, dict[str, np.ndarray]]) -> plt.Figure:
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for layer, s in sel.items():
+        axes[0].hist(s["cv"], bins=20, alpha=0.6, label=layer)
+        axes[1].hist(s["si"], bins=20, alpha=0.6, label=layer)
+    axes[0].set_title("coefficient of variation across classes")
+    axes[1].set_title("selectivity index (0 uniform, 1 one class)")
+    for a in axes:
+        a.set_ylabel("filters")
+        a.legend()
+    fig.tight_layout()
+    return fig
+
+
+def curves_figure(history: pd.DataFrame) -> plt.Figure:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    axes[0].plot(history["epoch"], history["train_loss"], label="train loss")
+    axes[0].set_xlabel("epoch")
+    axes[0].legend()
+    for col, label in (("train_acc", "train"), ("val_acc", "val"), ("val_aligned_acc", "val digit-aligned"),
+                       ("val_conflicting_acc", "val digit-conflicting")):
+        if col in history:
+            axes[1].plot(history["epoch"], history[col], label=label)
+    axes[1].set_xlabel("epoch")
+    axes[1].set_ylabel("accuracy (%)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def shortcut_figure(diag, geom: GeometryConfig) -> plt.Figure:
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    bars = {"all": diag.metrics["acc"], "digit-aligned": diag.metrics.get("aligned_acc", np.nan),
+            "digit-conflicting": diag.metrics.get("conflicting_acc", np.nan),
+            "digit blanked": diag.digit_blanked_acc, "CIFAR blanked": diag.cifar_blanked_acc}
+    axes[0].bar(range(len(bars)), list(bars.values()), color=["gray", "tab:green", "tab:red", "tab:blue", "tab:orange"])
+    axes[0].set_xticks(range(len(bars)), list(bars), rotation=30, ha="right", fontsize=8)
+    axes[0].set_ylabel("val accuracy (%)")
+    axes[0].set_title("accuracy under shortcut tests")
+    im = axes[1].imshow(diag.occlusion_map, cmap="magma")
+    axes[1].set_title("occlusion: mean drop in true-class prob.")
+    fig.colorbar(im, ax=axes[1], fraction=0.046)
+    names = list(diag.quadrant_share)
+    axes[2].barh(range(len(names)), [diag.quadrant_share[k] for k in names], color="tab:purple")
+    axes[2].set_yticks(range(len(names)), names, fontsize=8)
+    axes[2].set_xlabel("share of the occlusion effect (%)")
+    axes[2].set_title("where the decision comes from")
+    fig.tight_layout()
+    return fig
+
+
+# ---- text ---------------------------------------------------------------------------------------
+
+def selectivity_sentence(sel: dict[str, dict[str, np.ndarray]]) -> str:
+    parts = [f"{layer}: median CV {np.median(s['cv']):.2f}, median selectivity index {np.median(s['si']):.2f}, "
+             f"{int((s['si'] > 0.3).sum())}/{len(s['si'])} filters with index > 0.3"
+             for layer, s in sel.items()]
+    first, last = list(sel)[0], list(sel)[-1]
+    a, b = np.median(sel[first]["si"]), np.median(sel[last]["si"])
+    if b > 1.5 * a:
+        verdict = (f"{last} filters are far more class-specific than {first} filters ({b:.2f} vs {a:.2f}): "
+                   "early filters respond to generic colour and edge patterns present in every class, late "
+                   "filters to class evidence.")
+    elif b > a:
+        verdict = f"{last} filters are somewhat more class-specific than {first} filters ({b:.2f} vs {a:.2f})."
+    else:
+        verdict = f"{last} filters are not more class-specific than {first} filters here ({b:.2f} vs {a:.2f})."
+    return "; ".join(parts) + ". " + verdict
+
+
+def shortcut_sentence(diag) -> str:
+    m = diag.metrics
+    gap = m.get("aligned_acc", np.nan) - m.get("conflicting_acc", np.nan)
+    text = (f"Val accuracy {m['acc']:.1f} %: digit-aligned {m.get('aligned_acc', np.nan):.1f} %, digit-conflicting "
+            f"{m.get('conflicting_acc', np.nan):.1f} % (gap {gap:+.1f} points). Swapping only the digit changes "
+            f"{diag.digit_swap_flip_rate:.1f} % of predictions; {diag.follows_digit_rate:.1f} % of conflicting "
+            f"images are predicted as their digit (10 % would be chance). Painting the digit gray gives "
+            f"{diag.digit_blanked_acc:.1f} %, painting the CIFAR image gray {diag.cifar_blanked_acc:.1f} %. "
+            f"The CIFAR patch carries {diag.quadrant_share['CIFAR patch']:.0f} % of the occlusion effect, the digit "
+            f"patch {diag.quadrant_share['digit patch']:.0f} %.")
+    if not np.isfinite(gap):
+        return text
+    verdict = ("The model relies on the digit shortcut." if gap > 5 or diag.digit_swap_flip_rate > 10
+               else "The model does not rely on the digit shortcut.")
+    return text + " " + verdict
+
+
+# ---- sweep --------------------------------------------------------------------------------------
+
+def sweep_pages(report: Report, study_name: str, storage: str | None) -> None:
+    import optuna
+
+    from .study import open_storage
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+    except (KeyError, UserError):
+        return
+    trials = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs"))
+    done = trials[trials["state"] == "COMPLETE"].sort_values("value", ascending=False)
+    if done.empty:
+        return
+    top = done.head(8)
+    cols = ["number", "value"] + [c for c in top.columns if c.startswith("params_")]
+    fig, ax = plt.subplots(figsize=(11, 0.5 + 0.35 * len(top)))
+    ax.axis("off")
+    cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row] for row in top[cols].itertuples(index=False)]
+    table = ax.table(cellText=cells, colLabels=[c.removeprefix("params_").split(".")[-1] for c in cols], loc="center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(7)
+    ax.set_title(f"study {study_name}: best trials by val accuracy")
+    fig.tight_layout()
+    report.add("sweep_best_trials", fig, f"{len(done)} complete of {len(trials)} trials.")
+    ax = optuna.visualization.matplotlib.plot_optimization_history(study)
+    report.add("sweep_history", ax.figure, "Objective of every trial and the best so far.")
+    if len(done) >= 3:
+        try:
+            imp = optuna.importance.get_param_importances(study)
+            fig, ax = plt.subplots(figsize=(7, 3.4))
+            ax.barh(list(imp)[::-1], list(imp.values())[::-1], color="tab:green")
+            ax.set_xlabel("importance (fANOVA)")
+            fig.tight_layout()
+            top_param = next(iter(imp))
+            report.add("sweep_importances", fig, f"Most important parameter: {top_param} ({imp[top_param]:.2f}).")
+        except (RuntimeError, ValueError):
+            pass
+
+
+# ---- the report ---------------------------------------------------------------------------------
+
+def _checkpoint_and_run(checkpoint: str | Path | None, out: Path) -> tuple[Path, dict]:
+    info_path = out / "best_run.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    if checkpoint is None:
+        checkpoint = out / "q1_model.pt"
+        if not checkpoint.is_file():
+            raise UserError(f"no model at {checkpoint}: run `make sweep` and `make best` first, or pass --checkpoint PATH")
+        return checkpoint, info
+    return Path(checkpoint), {}
+
+
+def build_report(checkpoint: str | Path | None = None, data: str | Path = "data/course", out: str | Path = "results",
+                 history: str | Path | None = None, study: str | None = "shortcut", storage: str | None = None,
+                 tracking_uri: str | None = None, layers: tuple[str, ...] = ("conv1", "conv5"),
+                 max_images: int = 2000) -> str:
+    out = Path(out)
+    ckpt, run_info = _checkpoint_and_run(checkpoint, out)
+    rt = resolve_runtime()
+    model = load_model(ckpt, rt.device)
+    geom = GeometryConfig()
+    val = load_split(data, "val", geom.canvas)
+    rep = Report()
+
+    val_metrics, val_preds = evaluate_split(model, val, rt)
+    rep.headline.append(f"Checkpoint: {ckpt}" + (f" (MLflow run {run_info['run_id']})" if run_info.get("run_id") else ""))
+    rep.headline.append(f"Val accuracy {val_metrics['acc']:.2f} % on {len(val)} images"
+                        + (f"; digit-aligned {val_metrics['aligned_acc']:.2f} %, digit-conflicting "
+                           f"{val_metrics['conflicting_acc']:.2f} %" if "aligned_acc" in val_metrics else ""))
+    try:
+        test = load_split(data, "test", geom.canvas)
+    except UserError:
+        test = None
+    if test is not None and test.has_labels:
+        test_metrics, test_preds = evaluate_split(model, test, rt)
+        rep.headline.append(f"Test accuracy {test_metrics['acc']:.2f} % ({rubric_band(test_metrics['acc'])})"
+                            + (f"; digit-conflicting {test_metrics['conflicting_acc']:.2f} %" if "conflicting_acc" in test_metrics else ""))
+
+    rgb, chans = conv1_filter_figures(model)
+    rep.add("conv1_filters_rgb", rgb, "All 16 conv1 filters as RGB images. Look for oriented edges and colour "
+            "blobs: the low-level features every class shares.")
+    rep.add("conv1_filters_channels", chans, "The same filters per input channel.")
+
+    norms = class_activation_norms(model, val, rt, layers)
+    sel = {layer: selectivity(n) for layer, n in norms.items()}
+    for layer, n in norms.items():
+        for i in range(n.shape[1]):
+            rep.add(f"norms_{layer}_filter{i:02d}", filter_bar(n, layer, i), in_pdf=False)
+        for start in range(0, n.shape[1], 16):
+            count = min(16, n.shape[1] - start)
+            rep.add(f"norms_{layer}_overview_{start:02d}", norms_overview(n, layer, start, count),
+                    f"{layer}: median selectivity index {np.median(sel[layer]['si']):.2f} over {n.shape[1]} filters.")
+        rep.add(f"norms_{layer}_heatmap", norms_heatmap(n, layer),
+                f"{layer}: each filter's class-wise norm divided by its mean over classes; "
+                f"uniform columns mean class-agnostic filters.")
+    rep.add("selectivity", selectivity_figure(sel), selectivity_sentence(sel))
+
+    rep.add("confusion_val", confusion_figure(confusion(val_preds, val.labels.numpy()), "val confusion matrix"),
+            f"Worst class on val: {val_metrics['worst_class_acc']:.1f} %.")
+    if test is not None and test.has_labels:
+        rep.add("confusion_test", confusion_figure(confusion(test_preds, test.labels.numpy()), "test confusion matrix"),
+                f"Worst class on test: {test_metrics['worst_class_acc']:.1f} %.")
+    hist_path = Path(history) if history else ckpt.parent / "history.csv"
+    if not hist_path.is_file() and run_info.get("run_id"):
+        hist_path = _download_history(run_info["run_id"], tracking_uri, out)
+    if hist_path and hist_path.is_file():
+        rep.add("training_curves", curves_figure(pd.read_csv(hist_path)), "Training loss and accuracies per epoch.")
+
+    if val.has_digits:
+        diag = shortcut_diagnostics(model, val, rt, geom, max_images=max_images)
+        rep.add("shortcut_diagnostics", shortcut_figure(diag, geom), shortcut_sentence(diag))
+        rep.headline.append(f"Digit swap flips {diag.digit_swap_flip_rate:.1f} % of predictions; CIFAR patch share "
+                            f"of the decision {diag.quadrant_share['CIFAR patch']:.0f} %")
+    if study:
+        sweep_pages(rep, study, storage)
+    _write(rep, out)
+    if run_info.get("run_id"):
+        _log_to_mlflow(run_info["run_id"], tracking_uri, out, study)
+    n_png = len(rep.pages)
+    return "\n".join(rep.headline + [f"wrote {out / 'report.pdf'} and {n_png} figures in {out / 'figures'}"])
+
+
+def _download_history(run_id: str, tracking_uri: str | None, out: Path) -> Path | None:
+    import mlflow
+
+    from .tracking import DEFAULT_TRACKING_URI
+
+    try:
+        mlflow.set_tracking_uri(tracking_uri or DEFAULT_TRACKING_URI)
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="history.csv", dst_path=str(out / ".cache")))
+    except Exception:
+        return None
+
+
+def _write(rep: Report, out: Path) -> None:
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "report.pdf") as tmp, PdfPages(tmp) as pdf:
+        title = plt.figure(figsize=(8.27, 11.69))
+        title.text(0.08, 0.92, "shortcut_study report", fontsize=22, weight="bold")
+        title.text(0.08, 0.88, "What the required CNN learned from CIFAR-10 + MNIST composites", fontsize=12)
+        y = 0.82
+        for line in rep.headline:
+            title.text(0.08, y, line, fontsize=10, wrap=True)
+            y -= 0.035
+        pdf.savefig(title)
+        plt.close(title)
+        for page in rep.pages:
+            with atomic_path(figures / f"{page.name}.png") as png:
+                page.fig.savefig(png, dpi=110, format="png")
+            if page.in_pdf:
+                if page.text:
+                    page.fig.subplots_adjust(bottom=0.28)
+                    page.fig.text(0.02, 0.02, page.text, fontsize=8, wrap=True, va="bottom")
+                pdf.savefig(page.fig)
+            plt.close(page.fig)
+
+
+def _log_to_mlflow(run_id: str, tracking_uri: str | None, out: Path, study: str | None) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from .tracking import init_tracking
+
+    try:
+        init_tracking(tracking_uri, study or "shortcut")
+        client = MlflowClient()
+        client.log_artifact(run_id, str(out / "report.pdf"), "report")
+        client.log_artifacts(run_id, str(out / "figures"), "report/figures")
+    except Exception as exc:
+        print(f"note: report not logged to MLflow run {run_id}: {str(exc)[:120]}")

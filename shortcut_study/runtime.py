@@ -1,0 +1,55 @@
+"""Device and numeric precision: CUDA when present, bf16 autocast where the hardware does bf16."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """AVX-512 BF16 or AMX: where bf16 convolutions run faster than fp32 on the CPU."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    bf16: bool
+    channels_last: bool
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def describe(self) -> str:
+        return f"{self.device} {'bf16' if self.bf16 else 'fp32'}{' channels_last' if self.channels_last else ''}"
+
+
+def resolve_runtime(device: str = "auto", precision: str = "auto", channels_last: bool = True) -> Runtime:
+    if device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"train.device={device} but no CUDA device is available — use auto or cpu")
+    if precision == "auto":
+        bf16 = torch.cuda.is_bf16_supported() if dev.type == "cuda" else cpu_has_bf16()
+    else:
+        bf16 = precision == "bf16"
+    return Runtime(dev, bf16, channels_last)

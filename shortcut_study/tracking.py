@@ -1,0 +1,127 @@
+"""The few MLflow calls the rest of the tool uses.
+
+MLflow 3 refuses a plain-folder store, so the default is a SQLite database inside `mlruns/` with
+artifacts beside it; `mlflow ui` must be started with the same two locations (`make ui`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import CIFAR_CLASSES, REPO_ROOT
+from .errors import UserError
+
+MLRUNS = REPO_ROOT / "mlruns"
+DEFAULT_TRACKING_URI = f"sqlite:///{MLRUNS / 'mlflow.db'}"
+ARTIFACT_ROOT = MLRUNS / "artifacts"
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Serialise one-time setup (schema migrations race) between processes on this host."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def init_tracking(uri: str | None, experiment: str) -> str:
+    """Point MLflow at `uri` (created if needed, once, under a lock) and return the experiment id."""
+    import mlflow
+
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    uri = uri or DEFAULT_TRACKING_URI
+    db = _sqlite_file(uri)
+    if db is None and "://" not in uri:
+        raise UserError(f"tracking URI {uri!r} has no scheme: use sqlite:///PATH.db, postgresql://… or http://…")
+    lock = (db.parent if db else MLRUNS) / ".init.lock"
+    if db:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    try:
+        with file_lock(lock):
+            exp = mlflow.get_experiment_by_name(experiment)
+            if exp is not None:
+                return exp.experiment_id
+            location = (ARTIFACT_ROOT / experiment).resolve().as_uri()
+            return mlflow.create_experiment(experiment, artifact_location=location)
+    except UserError:
+        raise
+    except Exception as exc:  # sqlalchemy / mlflow raise many kinds for a bad or unreachable store
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot open the MLflow store {uri}: {msg[:200]} — check --tracking-uri") from None
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def confusion_figure(cm: np.ndarray, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    im = ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(10), CIFAR_CLASSES, rotation=45, ha="right")
+    ax.set_yticks(range(10), CIFAR_CLASSES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
+def log_confusion(cm: np.ndarray, name: str = "val_confusion") -> None:
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    fig = confusion_figure(cm, name.replace("_", " "))
+    mlflow.log_figure(fig, f"{name}.png")
+    plt.close(fig)
+    buf = io.StringIO()
+    np.savetxt(buf, cm, fmt="%d", delimiter=",", header=",".join(CIFAR_CLASSES), comments="")
+    mlflow.log_text(buf.getvalue(), f"{name}.csv")
+
+
+def log_epoch(record: dict[str, Any]) -> None:
+    import mlflow
+
+    metrics = {k: float(v) for k, v in record.items() if k != "epoch" and np.isfinite(v)}
+    mlflow.log_metrics(metrics, step=int(record["epoch"]))
+
+
+def device_tag() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu x{os.cpu_count()}"

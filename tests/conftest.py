@@ -1,0 +1,83 @@
+"""Tiny synthetic CIFAR-10 / MNIST sources and a dataset built from them, shared by the tests."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shortcut_study.cli import main
+from shortcut_study.config import CIFAR_CLASSES
+
+# Per-channel pixel means of the real datasets, so composites of synthetic images have realistic means.
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+MNIST_MEAN = 0.1307
+TINY_BUILD = ["--set", "build.train_size=120", "--set", "build.val_size=40", "--set", "build.test_size=30"]
+
+
+def make_cifar_tree(root: Path, per_class: int = 16, per_class_test: int = 4, seed: int = 0) -> Path:
+    """CIFAR-like class folders: class-coloured blocks plus noise around the real channel means."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("test", per_class_test)):
+        for c, name in enumerate(CIFAR_CLASSES):
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = rng.normal(np.array(CIFAR_MEAN) * 255, 50, size=(32, 32, 3))
+                img[c * 3:c * 3 + 3, :, :] = 255  # a class-dependent stripe, learnable
+                img = img.clip(0, 255)
+                img *= np.array(CIFAR_MEAN) * 255 / img.mean(axis=(0, 1))  # keep the real means
+                Image.fromarray(img.clip(0, 255).round().astype(np.uint8)).save(d / f"{i:04d}.png")
+    return root
+
+
+def make_mnist_tree(root: Path, per_class: int = 12, per_class_test: int = 4, seed: int = 1) -> Path:
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("test", per_class_test)):
+        for digit in range(10):
+            d = root / split / str(digit)
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = np.zeros((28, 28), dtype=np.float64)
+                img[2 + digit * 2:10 + digit * 2, 6:22] = 200  # a digit-dependent bar
+                img = (img + rng.normal(0, 10, size=img.shape)).clip(0, 255)
+                img *= MNIST_MEAN * 255 / img.mean()
+                Image.fromarray(img.clip(0, 255).astype(np.uint8), mode="L").save(d / f"{digit * 1000 + i}.png")
+    return root
+
+
+def make_tar(tree: Path, out: Path) -> Path:
+    with tarfile.open(out, "w:gz") as tar:
+        tar.add(tree, arcname=tree.name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sources(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("sources")
+    cifar = make_cifar_tree(base / "cifar10")
+    mnist = make_mnist_tree(base / "mnist")
+    return {"cifar": cifar, "mnist": mnist,
+            "cifar_tgz": make_tar(cifar, base / "cifar10-images.tar.gz"),
+            "mnist_tgz": make_tar(mnist, base / "mnist-images.tar.gz")}
+
+
+@pytest.fixture(scope="session")
+def dataset(sources, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("built") / "course"
+    assert main(["data", "build", "--cifar", str(sources["cifar_tgz"]), "--mnist", str(sources["mnist_tgz"]),
+                 "--out", str(out), *TINY_BUILD]) == 0
+    return out
+
+
+TINY_TRAIN = ["--set", "train.batch_size=32", "--set", "train.eval_batch_size=64", "--epochs", "2"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    assert main(["train", "--data", str(dataset), "--out", str(out), *TINY_TRAIN]) == 0
+    return out

@@ -1,0 +1,59 @@
+"""The report's figures and PDF, and the benchmark's quick mode, on a tiny model and dataset."""
+
+from __future__ import annotations
+
+import pytest
+
+from shortcut_study.bench import run_bench
+from shortcut_study.cli import main
+from shortcut_study.config import make_config
+from shortcut_study.data import load_split
+from shortcut_study.diagnostics import class_activation_norms, selectivity, shortcut_diagnostics
+from shortcut_study.model import load_model
+from shortcut_study.report import build_report
+from shortcut_study.runtime import resolve_runtime
+
+
+def test_activation_norms_and_selectivity(trained_run, dataset):
+    rt = resolve_runtime("cpu")
+    model = load_model(trained_run / "q1_model.pt")
+    norms = class_activation_norms(model, load_split(dataset, "val"), rt, ("conv1", "conv3", "conv5"))
+    assert norms["conv1"].shape == (10, 16) and norms["conv3"].shape == (10, 48) and norms["conv5"].shape == (10, 80)
+    assert (norms["conv1"] >= 0).all()
+    s = selectivity(norms["conv5"])
+    assert s["si"].shape == (80,) and ((s["si"] >= 0) & (s["si"] <= 1)).all()
+    import numpy as np
+
+    uniform = selectivity(np.ones((10, 4)))
+    assert np.allclose(uniform["si"], 0) and np.allclose(uniform["cv"], 0)
+
+
+def test_shortcut_diagnostics(trained_run, dataset):
+    diag = shortcut_diagnostics(load_model(trained_run / "q1_model.pt"), load_split(dataset, "val"), resolve_runtime("cpu"))
+    assert 0 <= diag.digit_swap_flip_rate <= 100 and 0 <= diag.digit_blanked_acc <= 100
+    assert abs(sum(diag.quadrant_share.values()) - 100) < 1e-6 or sum(diag.quadrant_share.values()) == 0
+    assert diag.occlusion_map.shape == (40, 40)
+
+
+def test_report_writes_pdf_and_every_figure(trained_run, dataset, tmp_path):
+    out = tmp_path / "results"
+    text = build_report(trained_run / "q1_model.pt", dataset, out, study=None)
+    assert "Val accuracy" in text and "Test accuracy" in text
+    assert (out / "report.pdf").read_bytes()[:4] == b"%PDF"
+    figures = {p.stem for p in (out / "figures").glob("*.png")}
+    assert {f"norms_conv1_filter{i:02d}" for i in range(16)} <= figures
+    assert {f"norms_conv5_filter{i:02d}" for i in range(80)} <= figures
+    assert {"conv1_filters_rgb", "conv1_filters_channels", "norms_conv1_heatmap", "norms_conv5_heatmap",
+            "selectivity", "confusion_val", "confusion_test", "training_curves", "shortcut_diagnostics"} <= figures
+
+
+def test_report_without_a_run_says_what_to_do(dataset, tmp_path, capsys):
+    assert main(["report", "--data", str(dataset), "--out", str(tmp_path / "empty"), "--study", ""]) == 2
+    assert "make sweep" in capsys.readouterr().err
+
+
+def test_bench_quick_prints_a_table(dataset, tmp_path):
+    text = run_bench(dataset, quick=True, steps=2, out_dir=tmp_path,
+                     sets=["train.batch_size=16", "train.num_workers=0"])
+    assert "reference pipeline" in text and "fast loop" in text and "speed-up" in text and "profile" in text
+    assert list(tmp_path.glob("bench-*-quick.csv"))
