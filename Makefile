@@ -44,7 +44,7 @@ test:
 	$(RUN) pytest -W ignore::DeprecationWarning
 
 bench: data
-	$(SS) bench --data $(DATA) --md results/bench.md
+	$(SS) bench --data $(DATA) --md results/bench.md --results results
 
 bench-quick: data
 	$(SS) bench --data $(DATA) --quick

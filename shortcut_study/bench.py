@@ -142,6 +142,19 @@ def full_row(label: str, preset: str, data: str | Path, out_root: Path, sets: li
             "test_conflicting_acc": tm.get("conflicting_acc", math.nan)}
 
 
+def export_reference(run_dir: Path, data: str | Path, results: Path, cfg: Config) -> None:
+    """Copy a run's q1_model.pt into `results` and write its q1_test.txt beside it."""
+    import shutil
+
+    from .data.layout import split_dir
+    from .evaluate import predict_folder
+
+    with atomic_path(results / "q1_model.pt") as tmp:
+        shutil.copyfile(run_dir / "q1_model.pt", tmp)
+    predict_folder(results / "q1_model.pt", split_dir(Path(data), "test"), results / "q1_test.txt",
+                   canvas=cfg.geometry.canvas, tta_flip=cfg.train.tta_flip)
+
+
 def machine_line() -> str:
     rt = resolve_runtime()
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -150,7 +163,8 @@ def machine_line() -> str:
 
 def run_bench(data: str | Path, quick: bool = False, presets: tuple[str, ...] = ("fast", "best", "erm"),
               sets: list[str] | None = None, steps: int = 60, md: str | Path | None = None,
-              out_dir: Path = BENCH_DIR) -> str:
+              out_dir: Path = BENCH_DIR, results: Path | None = None) -> str:
+    """The benchmark table; with `results`, the `best` preset's model and test predictions go there."""
     sets = sets or []
     rows: list[dict[str, float | str]] = []
     base = make_config("best", sets)
@@ -169,6 +183,8 @@ def run_bench(data: str | Path, quick: bool = False, presets: tuple[str, ...] = 
         out_root = out_dir / "runs"
         for preset in presets:
             rows.append(full_row(f"{preset} (full run)", preset, data, out_root, sets))
+        if results is not None and "best" in presets:
+            export_reference(out_root / "best", data, Path(results), make_config("best", sets))
     df = pd.DataFrame(rows)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     with atomic_path(out_dir / f"bench-{stamp}{'-quick' if quick else ''}.csv") as tmp:

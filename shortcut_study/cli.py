@@ -10,10 +10,14 @@ from pathlib import Path
 from .errors import UserError
 
 
+def _add_set_arg(p: argparse.ArgumentParser, example: str = "train.lr=0.05") -> None:
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help=f"override any config value, e.g. --set {example} (repeatable)")
+
+
 def _add_config_args(p: argparse.ArgumentParser, epochs: bool = True) -> None:
     p.add_argument("--preset", help="a preset name from experiments/presets/ or a .toml path")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override any config value, e.g. --set train.lr=0.05 (repeatable)")
+    _add_set_arg(p)
     if epochs:
         p.add_argument("--epochs", type=int, help="shorthand for --set train.epochs=N")
         p.add_argument("--seed", type=int, help="shorthand for --set train.seed=N")
@@ -105,7 +109,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from .bench import run_bench
 
     print(run_bench(args.data, quick=args.quick, presets=tuple(args.presets.split(",")), sets=args.set,
-                    steps=args.steps, md=args.md))
+                    steps=args.steps, md=args.md, results=Path(args.results) if args.results else None))
 
 
 def _add_study_args(p: argparse.ArgumentParser) -> None:
@@ -128,8 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="shorthand for --set build.seed=N")
     p.add_argument("--download", action="store_true", help="fetch missing sources with torchvision (online)")
     p.add_argument("--preset", help=argparse.SUPPRESS)
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="e.g. --set build.train_agreement=0.9 --set geometry.digit_size=12")
+    _add_set_arg(p, "build.train_agreement=0.9 or geometry.digit_size=12")
     p.set_defaults(func=cmd_data_build)
 
     p = data.add_parser("annotate", help="label each image's digit with the digit oracle (writes metadata.csv)")
@@ -177,8 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
     p.add_argument("--heartbeat", type=int, default=30, help="seconds between trial heartbeats (RDB storage)")
     p.add_argument("--grace", type=int, default=90, help="seconds without heartbeat before a trial is failed")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="base config for every trial (repeatable)")
+    _add_set_arg(p, "augment.translate=3 (the base config of every trial)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("best", help="export the best run's q1_model.pt and q1_test.txt")
@@ -200,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--presets", default="fast,best,erm", help="presets trained in full (not with --quick)")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per throughput row")
     p.add_argument("--md", help="also write the table as Markdown to this file")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    p.add_argument("--results", help="copy the best preset's q1_model.pt and q1_test.txt into this folder")
+    _add_set_arg(p)
     p.set_defaults(func=cmd_bench)
     return parser
 
@@ -212,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and friends
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -145,12 +145,14 @@ def grade(predictions: str | Path, labels: str | Path) -> dict[str, float | str]
 
 
 def format_metrics(m: dict[str, float | str]) -> str:
-    names = {"acc": "accuracy", "aligned_acc": "digit-aligned accuracy",
-             "conflicting_acc": "digit-conflicting accuracy", "worst_class_acc": "worst-class accuracy",
-             "worst_group_acc": "worst-group accuracy", "band": "rubric band", "n": "images"}
+    labels = {"acc": "accuracy", "aligned_acc": "digit-aligned accuracy",
+              "conflicting_acc": "digit-conflicting accuracy", "worst_class_acc": "worst-class accuracy",
+              "worst_group_acc": "worst-group accuracy", "band": "rubric band", "n": "images"}
     lines = []
-    for key, label in names.items():
-        if key in m:
-            v = m[key]
-            lines.append(f"{label:<28} {v:.2f} %" if isinstance(v, float) and key != "n" else f"{label:<28} {v if isinstance(v, str) else int(v)}")
+    for key, label in labels.items():
+        if key not in m:
+            continue
+        v = m[key]
+        shown = v if isinstance(v, str) else (f"{int(v)}" if key == "n" else f"{v:.2f} %")
+        lines.append(f"{label:<28} {shown}")
     return "\n".join(lines)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -28,21 +28,43 @@ from .tracking import confusion_figure  # noqa: E402
 SHORT = ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
-@dataclass
-class Page:
-    name: str  # figures/<name>.png
-    fig: plt.Figure
-    text: str = ""
-    in_pdf: bool = True
-
-
-@dataclass
 class Report:
-    headline: list[str] = field(default_factory=list)
-    pages: list[Page] = field(default_factory=list)
+    """Saves each figure as figures/<name>.png the moment it is made (and closes it); remembers the
+    pages for the PDF, where each is laid out alike: the figure above, its computed text below."""
+
+    def __init__(self, out: Path) -> None:
+        self.figures = out / "figures"
+        self.figures.mkdir(parents=True, exist_ok=True)
+        self.headline: list[str] = []
+        self.pages: list[tuple[Path, str]] = []
+        self.count = 0
 
     def add(self, name: str, fig: plt.Figure, text: str = "", in_pdf: bool = True) -> None:
-        self.pages.append(Page(name, fig, text, in_pdf))
+        path = self.figures / f"{name}.png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+        plt.close(fig)
+        self.count += 1
+        if in_pdf:
+            self.pages.append((path, text))
+
+    def write_pdf(self, path: Path) -> None:
+        with atomic_path(path) as tmp, PdfPages(tmp) as pdf:
+            title = plt.figure(figsize=(11.69, 8.27))
+            title.text(0.06, 0.88, "shortcut_study report", fontsize=24, weight="bold")
+            title.text(0.06, 0.83, "What the required CNN learned from CIFAR-10 + MNIST composites", fontsize=13)
+            for k, line in enumerate(self.headline):
+                title.text(0.06, 0.74 - 0.05 * k, textwrap.fill(line, 120), fontsize=11, va="top")
+            pdf.savefig(title)
+            plt.close(title)
+            for png, text in self.pages:
+                page = plt.figure(figsize=(11.69, 8.27))
+                ax = page.add_axes((0.03, 0.16, 0.94, 0.80))
+                ax.imshow(plt.imread(png))
+                ax.axis("off")
+                page.text(0.05, 0.12, textwrap.fill(text, 150), fontsize=10, va="top")
+                pdf.savefig(page, dpi=150)
+                plt.close(page)
 
 
 # ---- figures ------------------------------------------------------------------------------------
@@ -182,21 +204,30 @@ def selectivity_sentence(sel: dict[str, dict[str, np.ndarray]]) -> str:
     return "; ".join(parts) + ". " + verdict
 
 
+def gap_interval(m: dict[str, float]) -> tuple[float, float]:
+    """Aligned minus conflicting accuracy and the half-width of its 95 % normal interval (points)."""
+    n_al = m["n"] * m["aligned_fraction"] / 100
+    n_co = m["n"] - n_al
+    pa, pc = m["aligned_acc"] / 100, m["conflicting_acc"] / 100
+    se = math.sqrt(pa * (1 - pa) / max(n_al, 1) + pc * (1 - pc) / max(n_co, 1)) * 100
+    return m["aligned_acc"] - m["conflicting_acc"], 1.96 * se
+
+
 def shortcut_sentence(diag) -> str:
     m = diag.metrics
-    gap = m.get("aligned_acc", np.nan) - m.get("conflicting_acc", np.nan)
-    text = (f"Val accuracy {m['acc']:.1f} %: digit-aligned {m.get('aligned_acc', np.nan):.1f} %, digit-conflicting "
-            f"{m.get('conflicting_acc', np.nan):.1f} % (gap {gap:+.1f} points). Swapping only the digit changes "
-            f"{diag.digit_swap_flip_rate:.1f} % of predictions; {diag.follows_digit_rate:.1f} % of conflicting "
-            f"images are predicted as their digit (10 % would be chance). Painting the digit gray gives "
+    if "aligned_acc" not in m:
+        return f"Val accuracy {m['acc']:.1f} %; the dataset has no digit labels (run `data annotate`)."
+    gap, half = gap_interval(m)
+    text = (f"Val accuracy {m['acc']:.1f} %: digit-aligned {m['aligned_acc']:.1f} %, digit-conflicting "
+            f"{m['conflicting_acc']:.1f} % (gap {gap:+.1f} ± {half:.1f} points, 95 %). Swapping only the digit "
+            f"changes {diag.digit_swap_flip_rate:.1f} % of predictions; {diag.follows_digit_rate:.1f} % of "
+            f"conflicting images are predicted as their digit (10 % would be chance). Painting the digit gray gives "
             f"{diag.digit_blanked_acc:.1f} %, painting the CIFAR image gray {diag.cifar_blanked_acc:.1f} %. "
             f"The CIFAR patch carries {diag.quadrant_share['CIFAR patch']:.0f} % of the occlusion effect, the digit "
             f"patch {diag.quadrant_share['digit patch']:.0f} %.")
-    if not np.isfinite(gap):
-        return text
-    verdict = ("The model relies on the digit shortcut." if gap > 5 or diag.digit_swap_flip_rate > 10
-               else "The model does not rely on the digit shortcut.")
-    return text + " " + verdict
+    relies = (gap - half > 0 and gap > 2) or diag.digit_swap_flip_rate > 10
+    return text + (" The model relies on the digit shortcut." if relies
+                   else " The model does not measurably rely on the digit shortcut.")
 
 
 # ---- sweep --------------------------------------------------------------------------------------
@@ -256,14 +287,14 @@ def _checkpoint_and_run(checkpoint: str | Path | None, out: Path) -> tuple[Path,
 def build_report(checkpoint: str | Path | None = None, data: str | Path = "data/course", out: str | Path = "results",
                  history: str | Path | None = None, study: str | None = "shortcut", storage: str | None = None,
                  tracking_uri: str | None = None, layers: tuple[str, ...] = ("conv1", "conv5"),
-                 max_images: int = 2000) -> str:
+                 max_images: int = 5000) -> str:
     out = Path(out)
     ckpt, run_info = _checkpoint_and_run(checkpoint, out)
     rt = resolve_runtime()
     model = load_model(ckpt, rt.device)
     geom = GeometryConfig()
     val = load_split(data, "val", geom.canvas)
-    rep = Report()
+    rep = Report(out)
 
     val_metrics, val_preds = evaluate_split(model, val, rt)
     rep.headline.append(f"Checkpoint: {ckpt}" + (f" (MLflow run {run_info['run_id']})" if run_info.get("run_id") else ""))
@@ -316,11 +347,11 @@ def build_report(checkpoint: str | Path | None = None, data: str | Path = "data/
                             f"of the decision {diag.quadrant_share['CIFAR patch']:.0f} %")
     if study:
         sweep_pages(rep, study, storage)
-    _write(rep, out)
+    rep.write_pdf(out / "report.pdf")
     if run_info.get("run_id"):
         _log_to_mlflow(run_info["run_id"], tracking_uri, out, study)
-    n_png = len(rep.pages)
-    return "\n".join(rep.headline + [f"wrote {out / 'report.pdf'} and {n_png} figures in {out / 'figures'}"])
+    return "\n".join(rep.headline + [f"wrote {out / 'report.pdf'} ({len(rep.pages) + 1} pages) and {rep.count} "
+                                      f"figures in {out / 'figures'}"])
 
 
 def _download_history(run_id: str, tracking_uri: str | None, out: Path) -> Path | None:
@@ -333,30 +364,6 @@ def _download_history(run_id: str, tracking_uri: str | None, out: Path) -> Path 
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="history.csv", dst_path=str(out / ".cache")))
     except Exception:
         return None
-
-
-def _write(rep: Report, out: Path) -> None:
-    figures = out / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "report.pdf") as tmp, PdfPages(tmp) as pdf:
-        title = plt.figure(figsize=(8.27, 11.69))
-        title.text(0.08, 0.92, "shortcut_study report", fontsize=22, weight="bold")
-        title.text(0.08, 0.88, "What the required CNN learned from CIFAR-10 + MNIST composites", fontsize=12)
-        y = 0.82
-        for line in rep.headline:
-            title.text(0.08, y, line, fontsize=10, wrap=True)
-            y -= 0.035
-        pdf.savefig(title)
-        plt.close(title)
-        for page in rep.pages:
-            with atomic_path(figures / f"{page.name}.png") as png:
-                page.fig.savefig(png, dpi=110, format="png")
-            if page.in_pdf:
-                if page.text:
-                    page.fig.subplots_adjust(bottom=0.28)
-                    page.fig.text(0.02, 0.02, page.text, fontsize=8, wrap=True, va="bottom")
-                pdf.savefig(page.fig)
-            plt.close(page.fig)
 
 
 def _log_to_mlflow(run_id: str, tracking_uri: str | None, out: Path, study: str | None) -> None:

@@ -11,6 +11,7 @@ import json
 import math
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,9 @@ from optuna.trial import TrialState
 from .config import REPO_ROOT, Config, make_config, set_value
 from .errors import UserError, atomic_path, write_text_atomic
 from .tracking import file_lock, init_tracking
+
+# Heartbeats and stale-trial failing are marked experimental but are Optuna's documented way.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 STUDIES = REPO_ROOT / "studies"
 DEFAULT_STORAGE = f"sqlite:///{STUDIES / 'optuna.db'}"
@@ -255,8 +259,20 @@ def sweep(opts: SweepOptions) -> str:
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
     if done < opts.n_trials:
         study.optimize(_objective(opts, experiment_id), timeout=opts.timeout, catch=(Exception,),
-                       callbacks=[MaxTrialsCallback(opts.n_trials, states=FINISHED)], show_progress_bar=False)
+                       callbacks=[MaxTrialsCallback(opts.n_trials, states=FINISHED), _print_trial],
+                       show_progress_bar=False)
     return summary(study)
+
+
+def _print_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """One line per finished trial, so a long sweep shows its progress."""
+    secs = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_complete else math.nan
+    value = f"{trial.value:.2f}" if trial.value is not None else "–"
+    try:
+        best = f"{study.best_value:.2f}"
+    except ValueError:
+        best = "–"
+    print(f"trial {trial.number:>3} {trial.state.name:<8} objective {value:>6} (best {best}) {secs:5.0f} s", flush=True)
 
 
 def summary(study: optuna.Study) -> str:

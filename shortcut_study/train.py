@@ -15,7 +15,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -138,8 +138,6 @@ def reference_batches(loader: torch.utils.data.DataLoader, cfg: Config, rt: Runt
         for name in ("digit_shuffle", "translate"):
             x = AUGMENTATIONS[name](x, cfg.augment, cfg.geometry)
         if cfg.augment.flip in ("patch", "both"):
-            from dataclasses import replace
-
             x = AUGMENTATIONS["flip"](x, replace(cfg.augment, flip="patch"), cfg.geometry)
         yield x, y.to(rt.device)
 

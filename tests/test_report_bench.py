@@ -57,3 +57,11 @@ def test_bench_quick_prints_a_table(dataset, tmp_path):
                      sets=["train.batch_size=16", "train.num_workers=0"])
     assert "reference pipeline" in text and "fast loop" in text and "speed-up" in text and "profile" in text
     assert list(tmp_path.glob("bench-*-quick.csv"))
+
+
+def test_bench_full_rows_train_and_grade(dataset, tmp_path):
+    md = tmp_path / "bench.md"
+    text = run_bench(dataset, quick=False, presets=("best",), steps=2, out_dir=tmp_path, md=md,
+                     results=tmp_path / "results", sets=["train.batch_size=16", "train.num_workers=0", "train.epochs=1"])
+    assert "best (full run)" in text and md.read_text().startswith("# Benchmark")
+    assert len((tmp_path / "results" / "q1_test.txt").read_text().splitlines()) == 30
