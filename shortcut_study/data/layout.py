@@ -1,0 +1,195 @@
+"""Reading a dataset in the course layout, ours or the course's own, into uint8 tensors.
+
+Layout: ``train/<class>/*.png``, ``val/<class>/*.png``, ``test_unlabeled/*.png`` (or ``test/``),
+class folders named by CIFAR class or by index 0-9. Optional ``metadata.csv`` (written by
+``data build`` or ``data annotate``) adds each image's digit; optional ``test_labels.csv`` adds
+test labels. The decoded images are cached under ``cache/`` as .npy so a split loads in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..config import CIFAR_CLASSES
+from ..errors import UserError, atomic_path, require_dir
+from .sources import CIFAR, class_index
+
+SPLITS = ("train", "val", "test")
+TEST_DIRS = ("test_unlabeled", "test")
+METADATA = "metadata.csv"
+TEST_LABELS = "test_labels.csv"
+CACHE_DIR = "cache"
+
+
+@dataclass
+class SplitData:
+    """One split held as tensors: images uint8 (N, 3, H, W); labels and digits int64, -1 = unknown."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    digits: torch.Tensor
+    files: list[str]  # paths relative to the dataset root, e.g. "val/cat/00012.png"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def has_labels(self) -> bool:
+        return bool((self.labels >= 0).all()) and len(self) > 0
+
+    @property
+    def has_digits(self) -> bool:
+        return bool((self.digits >= 0).all()) and len(self) > 0
+
+    def subset(self, n: int) -> SplitData:
+        return SplitData(self.images[:n], self.labels[:n], self.digits[:n], self.files[:n])
+
+
+def split_dir(root: Path, split: str) -> Path:
+    if split == "test":
+        for name in TEST_DIRS:
+            if (root / name).is_dir():
+                return root / name
+        raise UserError(f"no test folder in {root}: expected test_unlabeled/ (or test/)")
+    return require_dir(root / split, f"{split} folder", f"build the dataset or check --data {root}")
+
+
+def list_split_files(root: Path, split: str) -> list[tuple[str, int]]:
+    """(relative path, label or -1) for every PNG of a split, in a stable order."""
+    base = split_dir(root, split)
+    if split == "test":
+        files = sorted(p.name for p in base.iterdir() if p.suffix.lower() == ".png")
+        if not files:
+            raise UserError(f"{base} holds no .png images")
+        return [(f"{base.name}/{f}", -1) for f in files]
+    out = []
+    class_dirs = sorted(p for p in base.iterdir() if p.is_dir())
+    if not class_dirs:
+        raise UserError(f"{base} has no class folders: expected {split}/<class>/*.png")
+    for class_dir in class_dirs:
+        label = class_index(CIFAR, class_dir.name, str(class_dir))
+        files = sorted(p.name for p in class_dir.iterdir() if p.suffix.lower() == ".png")
+        if not files:
+            raise UserError(f"empty class folder {class_dir}: add its images or remove the folder")
+        out.extend((f"{split}/{class_dir.name}/{f}", label) for f in files)
+    return out
+
+
+def read_image(path: Path, size: int | None) -> np.ndarray:
+    """One composite as uint8 (H, W, 3); a clear error for a wrong size, mode or corrupt file."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode != "RGB":
+                raise UserError(f"{path}: a {img.mode} image, expected RGB — convert it to RGB")
+            if size is not None and img.size != (size, size):
+                raise UserError(f"{path}: {img.size[0]}x{img.size[1]} image, expected {size}x{size} "
+                                "(set geometry.canvas for another size)")
+            return np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise UserError(f"{path}: not a readable PNG ({exc}) — replace or remove it") from None
+
+
+def read_images(root: Path, rel_paths: list[str], size: int | None) -> np.ndarray:
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        arrays = list(pool.map(lambda r: read_image(root / r, size), rel_paths, chunksize=256))
+    if not arrays:
+        return np.zeros((0, 3, size or 0, size or 0), dtype=np.uint8)
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise UserError(f"images in {root} differ in size ({sorted(shapes)[:2]}…): use one size")
+    return np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2))
+
+
+def _fingerprint(root: Path, entries: list[tuple[str, int]]) -> str:
+    h = hashlib.sha256()
+    for rel, label in entries:
+        h.update(f"{rel}\0{label}\0{(root / rel).stat().st_size}\n".encode())
+    return h.hexdigest()
+
+
+def cache_paths(root: Path, split: str) -> tuple[Path, Path]:
+    return root / CACHE_DIR / f"{split}.npy", root / CACHE_DIR / f"{split}.json"
+
+
+def write_cache(root: Path, split: str, images: np.ndarray, entries: list[tuple[str, int]]) -> None:
+    npy, meta = cache_paths(root, split)
+    with atomic_path(npy) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, images)
+    info = {"fingerprint": _fingerprint(root, entries), "shape": list(images.shape)}
+    with atomic_path(meta) as tmp:
+        tmp.write_text(json.dumps(info, sort_keys=True) + "\n")
+
+
+def _read_cache(root: Path, split: str, entries: list[tuple[str, int]]) -> np.ndarray | None:
+    npy, meta = cache_paths(root, split)
+    if not (npy.is_file() and meta.is_file()):
+        return None
+    try:
+        info = json.loads(meta.read_text())
+        if info.get("fingerprint") != _fingerprint(root, entries):
+            return None
+        images = np.load(npy, mmap_mode=None)
+        return images if list(images.shape) == info["shape"] else None
+    except (ValueError, OSError, KeyError):
+        return None  # a stale or damaged cache is rebuilt, never trusted
+
+
+def read_digits(root: Path, rel_paths: list[str]) -> np.ndarray:
+    meta = root / METADATA
+    if not meta.is_file():
+        return np.full(len(rel_paths), -1, dtype=np.int64)
+    try:
+        df = pd.read_csv(meta, usecols=["file", "digit"])
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise UserError(f"{meta} is malformed ({exc}) — rebuild it with `shortcut-study data annotate`") from None
+    digit_of = dict(zip(df["file"], df["digit"].astype(np.int64)))
+    return np.asarray([digit_of.get(r, -1) for r in rel_paths], dtype=np.int64)
+
+
+def read_test_labels(root: Path, rel_paths: list[str]) -> np.ndarray:
+    path = root / TEST_LABELS
+    if not path.is_file():
+        return np.full(len(rel_paths), -1, dtype=np.int64)
+    df = pd.read_csv(path, usecols=["file", "label"])
+    label_of = dict(zip(df["file"], df["label"].astype(np.int64)))
+    return np.asarray([label_of.get(Path(r).name, -1) for r in rel_paths], dtype=np.int64)
+
+
+def load_split(data_dir: str | Path, split: str, size: int | None = 40) -> SplitData:
+    """Load `split` (train, val or test) of a course-layout dataset, using the cache when fresh."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}: choose one of {SPLITS}")
+    root = require_dir(data_dir, "dataset folder", "build it with `shortcut-study data build` or pass --data")
+    entries = list_split_files(root, split)
+    rel_paths = [r for r, _ in entries]
+    images = _read_cache(root, split, entries)
+    if images is None:
+        images = read_images(root, rel_paths, size)
+        try:
+            write_cache(root, split, images, entries)
+        except OSError:
+            pass  # a read-only dataset folder still works, only slower next time
+    elif size is not None and images.shape[-1] != size:
+        side = images.shape[-1]
+        raise UserError(f"{root}/{split}: {side}x{side} images, expected {size}x{size} "
+                        "(set geometry.canvas for another size)")
+    labels = np.asarray([lab for _, lab in entries], dtype=np.int64)
+    if split == "test":
+        labels = read_test_labels(root, rel_paths)
+    return SplitData(torch.from_numpy(images), torch.from_numpy(labels),
+                     torch.from_numpy(read_digits(root, rel_paths)), rel_paths)
+
+
+def class_name(label: int) -> str:
+    return CIFAR_CLASSES[label]
