@@ -123,7 +123,7 @@ class AugmentConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 30
-    batch_size: int = 256
+    batch_size: int = 128  # faster per image than 256 on a 2-core CPU (activations stay in cache)
     optimizer: str = "sgd"  # sgd (Nesterov momentum) | adamw
     lr: float = 0.1
     momentum: float = 0.9
