@@ -29,7 +29,7 @@ from .train import FolderDataset, fast_batches, fit, load_data, make_optimizer, 
 BENCH_DIR = REPO_ROOT / "experiments" / "bench"
 
 
-def measure_throughput(cfg: Config, data: str | Path, steps: int, warmup: int = 5) -> float:
+def measure_throughput(cfg: Config, data: str | Path, steps: int, warmup: int = 20) -> float:
     """Training images/s over `steps` optimizer steps (after `warmup`), data loading included."""
     t = cfg.train
     rt = resolve_runtime(t.device, t.precision, t.channels_last)
@@ -166,22 +166,22 @@ def machine_line() -> str:
 
 
 def run_bench(data: str | Path, quick: bool = False, presets: tuple[str, ...] = ("fast", "best", "erm"),
-              sets: list[str] | None = None, steps: int = 60, md: str | Path | None = None,
+              sets: list[str] | None = None, steps: int = 200, md: str | Path | None = None,
               out_dir: Path = BENCH_DIR, results: Path | None = None) -> str:
     """The benchmark table; with `results`, the `best` preset's model and test predictions go there."""
     sets = sets or []
     rows: list[dict[str, float | str]] = []
     base = make_config("best", sets)
     ref = make_config("best", sets + ["train.pipeline=reference"])
-    ref_ips = measure_throughput(ref, data, steps=max(10, steps // 2))
-    fast_ips = measure_throughput(base, data, steps=steps)
+    ref_ips = measure_throughput(ref, data, steps=max(10, steps // 2), warmup=min(20, steps))
+    fast_ips = measure_throughput(base, data, steps=steps, warmup=min(20, steps))
     rows.append({"row": "reference pipeline (throughput)", "preset": "best", "images_per_s": ref_ips,
                  "s_per_epoch": 45_000 / ref_ips})
     rows.append({"row": "fast loop (throughput)", "preset": "best", "images_per_s": fast_ips,
                  "s_per_epoch": 45_000 / fast_ips})
     fp32 = make_config("best", sets + ["train.precision=fp32"])
     rows.append({"row": "fast loop fp32 (throughput)", "preset": "best",
-                 "images_per_s": (ips := measure_throughput(fp32, data, steps=steps)), "s_per_epoch": 45_000 / ips})
+                 "images_per_s": (ips := measure_throughput(fp32, data, steps=steps, warmup=min(20, steps))), "s_per_epoch": 45_000 / ips})
     profile_line = profile_fast_loop(base, data)
     if not quick:
         out_root = out_dir / "runs"
