@@ -18,7 +18,7 @@ from torch import nn
 from .augment import flip_patch, normalize
 from .config import NUM_CLASSES, GeometryConfig
 from .data.layout import SplitData, read_images
-from .errors import UserError, require_dir, require_file, write_text_atomic
+from .errors import UserError, atomic_path, require_dir, require_file, write_text_atomic
 from .model import load_model
 from .runtime import Runtime, resolve_runtime
 
@@ -101,6 +101,17 @@ def predict_folder(checkpoint: str | Path, images: str | Path, out: str | Path, 
     preds = predict_logits(model, x, rt, tta_flip=tta_flip).argmax(1).numpy()
     write_text_atomic(out, format_predictions(names, preds))
     return len(names)
+
+
+def export_submission(checkpoint: str | Path, test_images: str | Path, out: str | Path, canvas: int = 40,
+                      tta_flip: bool = False) -> int:
+    """Copy a checkpoint to OUT/q1_model.pt (atomically) and write OUT/q1_test.txt from it."""
+    import shutil
+
+    out = Path(out)
+    with atomic_path(out / "q1_model.pt") as tmp:
+        shutil.copyfile(checkpoint, tmp)
+    return predict_folder(out / "q1_model.pt", test_images, out / "q1_test.txt", canvas=canvas, tta_flip=tta_flip)
 
 
 def read_predictions(path: str | Path) -> pd.Series:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
 from .config import REPO_ROOT, Config, make_config, set_value
-from .errors import UserError, atomic_path, write_text_atomic
+from .errors import UserError, write_text_atomic
 from .tracking import file_lock, init_tracking
 
 # Heartbeats and stale-trial failing are marked experimental but are Optuna's documented way.
@@ -300,7 +299,7 @@ def best(data: str | Path, study_name: str, storage: str | None, tracking_uri: s
     """Export the best finished run's checkpoint and test predictions into `out`."""
     import mlflow
 
-    from .evaluate import predict_folder
+    from .evaluate import export_submission
 
     study = _open_study(SweepOptions(data=Path(data), study=study_name, storage=storage), create=False)
     trial = best_trial(study)
@@ -314,11 +313,9 @@ def best(data: str | Path, study_name: str, storage: str | None, tracking_uri: s
         except Exception as exc:
             raise UserError(f"cannot fetch q1_model.pt of run {run_id}: {str(exc)[:200]} — is --tracking-uri "
                             "the sweep's?") from None
-        with atomic_path(out / "q1_model.pt") as dst:
-            shutil.copyfile(local, dst)
-    from .data.layout import split_dir
+        from .data.layout import split_dir
 
-    n = predict_folder(out / "q1_model.pt", split_dir(Path(data), "test"), out / "q1_test.txt")
+        n = export_submission(local, split_dir(Path(data), "test"), out)
     run = mlflow.get_run(run_id)
     info = {"run_id": run_id, "trial": trial.number, "study": study_name, "value": trial.value,
             "params": trial.params, "metrics": {k: v for k, v in run.data.metrics.items() if k.startswith("best_")}}
