@@ -42,6 +42,19 @@ def flip_patch(x: torch.Tensor, geom: GeometryConfig, mask: torch.Tensor | None 
     return x
 
 
+def shift_patch(x: torch.Tensor, geom: GeometryConfig, dy: int, dx: int) -> torch.Tensor:
+    """Shift the CIFAR patch of every image by (dy, dx) pixels inside its box, reflect-padded
+    (the deterministic counterpart of `translate`, for test-time views)."""
+    if dy == 0 and dx == 0:
+        return x
+    t, size = max(abs(dy), abs(dx)), geom.cifar_size
+    ys, xs = geom.cifar_box
+    padded = F.pad(x[:, :, ys, xs], (t, t, t, t), mode="reflect")
+    x = x.clone()
+    x[:, :, ys, xs] = padded[:, :, t - dy:t - dy + size, t - dx:t - dx + size]
+    return x
+
+
 def digit_shuffle(x: torch.Tensor, cfg: AugmentConfig, geom: GeometryConfig) -> torch.Tensor:
     """Give each chosen image the digit patch of a random image of the batch: the model still sees
     digits, but they no longer agree with the label."""

@@ -20,7 +20,8 @@ import torch
 from .config import REPO_ROOT, Config, make_config
 from .data.layout import load_split
 from .errors import atomic_path, write_text_atomic
-from .evaluate import evaluate_split
+from .diagnostics import counterfactual_digit_accuracy
+from .evaluate import evaluate_split, gap_interval
 from .methods import METHODS
 from .model import CNN, load_model
 from .runtime import resolve_runtime
@@ -137,14 +138,61 @@ def full_row(label: str, preset: str, data: str | Path, out_root: Path, sets: li
     rt = resolve_runtime(cfg.train.device, cfg.train.precision, cfg.train.channels_last)
     test = load_split(data, "test", cfg.geometry.canvas)
     model = load_model(out_root / preset / "q1_model.pt", rt.device)
-    tm, _ = evaluate_split(model, test, rt, tta_flip=cfg.train.tta_flip, geom=cfg.geometry) if test.has_labels else ({}, None)
+    tm: dict[str, float] = {}
+    if test.has_labels:
+        tm, _ = evaluate_split(model, test, rt, tta=cfg.train.tta, geom=cfg.geometry)
+        tm.update(counterfactual_digit_accuracy(model, test, rt, cfg.geometry, tta=cfg.train.tta))
     epochs = len(result.history)
     return {"row": label, "preset": preset, "epochs": epochs, "images_per_s": result.images_per_s,
             "s_per_epoch": result.train_seconds / max(1, epochs), "train_min_to_75_val": _minutes_to(result.history, 75.0, False),
             "wall_min_to_75_val": _minutes_to(result.history, 75.0, True),
             "train_min": result.train_seconds / 60, "val_acc": result.best.get("acc", math.nan),
             "test_acc": tm.get("acc", math.nan), "test_aligned_acc": tm.get("aligned_acc", math.nan),
-            "test_conflicting_acc": tm.get("conflicting_acc", math.nan)}
+            "test_conflicting_acc": tm.get("conflicting_acc", math.nan),
+            "test_gap_ci95": gap_interval(tm)[1] if "aligned_acc" in tm else math.nan,
+            "test_cf_aligned_acc": tm.get("cf_aligned_acc", math.nan),
+            "test_cf_conflicting_acc": tm.get("cf_conflicting_acc", math.nan)}
+
+
+def _row(df: pd.DataFrame, label: str) -> pd.Series | None:
+    rows = df[df["row"] == label]
+    return rows.iloc[0] if len(rows) else None
+
+
+def targets_section(df: pd.DataFrame) -> str:
+    """Issue 8's targets against this run's rows, as a Markdown table (rows that did not run are skipped)."""
+    lines = ["| target | measured | met |", "|---|---|---|"]
+
+    def add(target: str, measured: str, met: bool) -> None:
+        lines.append(f"| {target} | {measured} | {'yes' if met else 'no'} |")
+
+    if (best := _row(df, "best (full run)")) is not None:
+        acc = best["test_acc"]
+        add("unbiased test accuracy ≥ 82 % (`best`, ≤ 40 epochs)", f"{acc:.2f} % in {best['epochs']:.0f} epochs",
+            acc >= 82 and best["epochs"] <= 40)
+        add("stretch: ≥ 85 %", f"{acc:.2f} %", acc >= 85)
+        gap = best["test_aligned_acc"] - best["test_conflicting_acc"]
+        add("digit-aligned vs digit-conflicting test accuracy within 1 point",
+            f"{best['test_aligned_acc']:.2f} vs {best['test_conflicting_acc']:.2f} % (gap {gap:+.2f} "
+            f"± {best['test_gap_ci95']:.2f}, 95 %)", abs(gap) <= 1)
+        cf = best["test_cf_aligned_acc"] - best["test_cf_conflicting_acc"]
+        add("the same, paired: every test image with its digit set to the label vs to another digit",
+            f"{best['test_cf_aligned_acc']:.2f} vs {best['test_cf_conflicting_acc']:.2f} % (gap {cf:+.2f})", abs(cf) <= 1)
+    if (fast := _row(df, "fast (full run)")) is not None:
+        m = fast["train_min_to_75_val"]
+        add("75 % val within 2 minutes of training (`fast`)",
+            f"{m:.2f} min of training ({fast['wall_min_to_75_val']:.2f} min with per-epoch evaluation)"
+            if math.isfinite(m) else f"not reached (best val {fast['val_acc']:.2f} %)", math.isfinite(m) and m <= 2)
+    if (loop := _row(df, "fast loop (throughput)")) is not None:
+        full = df[df["row"].str.endswith("(full run)")]["images_per_s"]
+        also = f"; full runs' per-epoch medians {full.min():.0f}–{full.max():.0f}" if len(full) else ""
+        add("training throughput ≥ 3,000 images/s", f"{loop['images_per_s']:.0f} images/s{also}",
+            loop["images_per_s"] >= 3000)
+    if (erm := _row(df, "erm (full run)")) is not None:
+        add("`erm` shows the shortcut's cost (aligned ≫ conflicting)",
+            f"test {erm['test_acc']:.2f} %: aligned {erm['test_aligned_acc']:.2f} %, conflicting "
+            f"{erm['test_conflicting_acc']:.2f} %", erm["test_aligned_acc"] - erm["test_conflicting_acc"] > 5)
+    return "\n".join(lines)
 
 
 def machine_line() -> str:
@@ -179,9 +227,8 @@ def run_bench(data: str | Path, quick: bool = False, presets: tuple[str, ...] = 
             from .data.layout import split_dir
             from .evaluate import export_submission
 
-            cfg = make_config("best", sets)
-            export_submission(out_root / "best" / "q1_model.pt", split_dir(Path(data), "test"), Path(results),
-                              canvas=cfg.geometry.canvas, tta_flip=cfg.train.tta_flip)
+            export_submission(out_root / "best" / "q1_model.pt", make_config("best", sets), split_dir(Path(data), "test"),
+                              Path(results))
     df = pd.DataFrame(rows)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     with atomic_path(out_dir / f"bench-{stamp}{'-quick' if quick else ''}.csv") as tmp:
@@ -190,6 +237,7 @@ def run_bench(data: str | Path, quick: bool = False, presets: tuple[str, ...] = 
     text = "\n".join([f"machine: {machine_line()}", table, f"speed-up fast/reference: {fast_ips / ref_ips:.2f}x",
                       profile_line])
     if md:
-        write_text_atomic(md, f"# Benchmark ({dt.date.today()})\n\n```\n{text}\n```\n")
+        write_text_atomic(md, f"# Benchmark ({dt.date.today()}, `shortcut-study bench`)\n\n```\n{text}\n```\n\n"
+                              f"## Against the targets\n\n{targets_section(df)}\n")
     return text
 

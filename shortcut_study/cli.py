@@ -72,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from .evaluate import predict_folder
 
-    n = predict_folder(args.checkpoint, args.images, args.out, canvas=args.canvas, tta_flip=args.tta_flip)
+    n = predict_folder(args.checkpoint, args.images, args.out, canvas=args.canvas, tta=args.tta)
     print(f"wrote {n} predictions to {args.out}")
 
 
@@ -102,7 +102,8 @@ def cmd_report(args: argparse.Namespace) -> None:
     from .report import build_report
 
     print(build_report(args.checkpoint, args.data, args.out, history=args.history, study=args.study or None,
-                       storage=args.storage, tracking_uri=args.tracking_uri, layers=tuple(args.layers.split(","))))
+                       storage=args.storage, tracking_uri=args.tracking_uri, layers=tuple(args.layers.split(",")),
+                       tta=args.tta))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -162,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--canvas", type=int, default=40, help="expected image size in pixels")
-    p.add_argument("--tta-flip", action="store_true", help="average with the CIFAR-patch-flipped view")
+    p.add_argument("--tta", default="auto", help="test-time augmentation: none, flip, flip_shift, or auto = "
+                   "the run's train.tta (from the config.json beside the checkpoint; none if there is none)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="grade a predictions file against test_labels.csv")
@@ -194,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results")
     p.add_argument("--history", help="history.csv of the run (default: beside the checkpoint, or from MLflow)")
     p.add_argument("--layers", default="conv1,conv5", help="layers for the class-wise activation plots")
+    p.add_argument("--tta", default="auto", help="test-time augmentation for the headline accuracy (none, flip, "
+                   "flip_shift; auto = the run's, from the config.json beside the checkpoint)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("bench", help="training speed and accuracy table for this machine")

@@ -132,7 +132,10 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     ema_decay: float = 0.0  # 0 = off; else evaluate an exponential moving average of weights
-    tta_flip: bool = False  # average logits with the CIFAR-patch-flipped view at evaluation
+    # Test-time augmentation (see evaluate.TTA): none | flip (CIFAR patch mirrored, 2 views) |
+    # flip_shift (x shifts of the CIFAR patch by up to 1 px, 18 views). Per-epoch model selection
+    # uses at most `flip`; the selected model is then evaluated with the full setting.
+    tta: str = "none"
     method: str = "erm"  # see methods.METHODS
     pipeline: str = "fast"  # fast (tensors on the device) | reference (ImageFolder + DataLoader)
     subset: int = 0  # train on the first N training images (0 = all)
@@ -144,6 +147,7 @@ class TrainConfig:
     num_workers: int = 2  # reference pipeline only
 
     def validate(self) -> None:
+        from .evaluate import TTA
         from .methods import METHODS
         from .train import SCHEDULES
 
@@ -159,6 +163,7 @@ class TrainConfig:
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "in [0, 1)")
         _check(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "in [0, 1)")
         _check(self.method in METHODS, "train.method", self.method, f"one of {sorted(METHODS)}")
+        _check(self.tta in TTA, "train.tta", self.tta, f"one of {list(TTA)}")
         _check(self.pipeline in ("fast", "reference"), "train.pipeline", self.pipeline, "fast or reference")
         _check(self.subset >= 0, "train.subset", self.subset, ">= 0")
         _check(self.precision in ("auto", "bf16", "fp32"), "train.precision", self.precision,
@@ -187,6 +192,14 @@ class Config:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> Config:
+        """The inverse of `flat` (e.g. a tracked run's MLflow params, all strings)."""
+        cfg = cls()
+        for key, value in flat.items():
+            set_value(cfg, key, value)
+        return cfg.validate()
 
     @classmethod
     def from_dict(cls, tree: dict[str, dict[str, Any]]) -> Config:
@@ -223,6 +236,8 @@ def _convert(value: Any, kind: type, name: str) -> Any:
 
 def set_value(cfg: Config, dotted: str, value: Any) -> None:
     """Set `section.field` on `cfg`, converting strings to the field's type."""
+    if dotted == "train.tta_flip":  # the boolean of earlier versions (saved run configs, MLflow params)
+        dotted, value = "train.tta", "flip" if _convert(value, bool, dotted) else "none"
     section_name, _, key = dotted.partition(".")
     section = getattr(cfg, section_name, None) if section_name in _SECTIONS else None
     if section is None or not key:

@@ -20,7 +20,7 @@ from .config import CIFAR_CLASSES, GeometryConfig  # noqa: E402
 from .data.layout import load_split  # noqa: E402
 from .diagnostics import class_activation_norms, selectivity, shortcut_diagnostics  # noqa: E402
 from .errors import UserError, atomic_path  # noqa: E402
-from .evaluate import confusion, evaluate_split, rubric_band  # noqa: E402
+from .evaluate import confusion, evaluate_split, gap_interval, rubric_band, run_tta  # noqa: E402
 from .model import CNN, load_model  # noqa: E402
 from .runtime import resolve_runtime  # noqa: E402
 from .tracking import confusion_figure  # noqa: E402
@@ -168,8 +168,11 @@ def shortcut_figure(diag, geom: GeometryConfig) -> plt.Figure:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     bars = {"all": diag.metrics["acc"], "digit-aligned": diag.metrics.get("aligned_acc", np.nan),
             "digit-conflicting": diag.metrics.get("conflicting_acc", np.nan),
+            "digit set to label": diag.counterfactual["cf_aligned_acc"],
+            "digit set to another": diag.counterfactual["cf_conflicting_acc"],
             "digit blanked": diag.digit_blanked_acc, "CIFAR blanked": diag.cifar_blanked_acc}
-    axes[0].bar(range(len(bars)), list(bars.values()), color=["gray", "tab:green", "tab:red", "tab:blue", "tab:orange"])
+    colors = ["gray", "tab:green", "tab:red", "yellowgreen", "salmon", "tab:blue", "tab:orange"]
+    axes[0].bar(range(len(bars)), list(bars.values()), color=colors)
     axes[0].set_xticks(range(len(bars)), list(bars), rotation=30, ha="right", fontsize=8)
     axes[0].set_ylabel("val accuracy (%)")
     axes[0].set_title("accuracy under shortcut tests")
@@ -204,28 +207,22 @@ def selectivity_sentence(sel: dict[str, dict[str, np.ndarray]]) -> str:
     return "; ".join(parts) + ". " + verdict
 
 
-def gap_interval(m: dict[str, float]) -> tuple[float, float]:
-    """Aligned minus conflicting accuracy and the half-width of its 95 % normal interval (points)."""
-    n_al = m["n"] * m["aligned_fraction"] / 100
-    n_co = m["n"] - n_al
-    pa, pc = m["aligned_acc"] / 100, m["conflicting_acc"] / 100
-    se = math.sqrt(pa * (1 - pa) / max(n_al, 1) + pc * (1 - pc) / max(n_co, 1)) * 100
-    return m["aligned_acc"] - m["conflicting_acc"], 1.96 * se
-
-
 def shortcut_sentence(diag) -> str:
     m = diag.metrics
     if "aligned_acc" not in m:
         return f"Val accuracy {m['acc']:.1f} %; the dataset has no digit labels (run `data annotate`)."
     gap, half = gap_interval(m)
     text = (f"Val accuracy {m['acc']:.1f} %: digit-aligned {m['aligned_acc']:.1f} %, digit-conflicting "
-            f"{m['conflicting_acc']:.1f} % (gap {gap:+.1f} ± {half:.1f} points, 95 %). Swapping only the digit "
+            f"{m['conflicting_acc']:.1f} % (gap {gap:+.1f} ± {half:.1f} points, 95 %). The same images with the "
+            f"digit set to the label score {diag.counterfactual['cf_aligned_acc']:.1f} %, with another digit "
+            f"{diag.counterfactual['cf_conflicting_acc']:.1f} %. Swapping only the digit "
             f"changes {diag.digit_swap_flip_rate:.1f} % of predictions; {diag.follows_digit_rate:.1f} % of "
             f"conflicting images are predicted as their digit (10 % would be chance). Painting the digit gray gives "
             f"{diag.digit_blanked_acc:.1f} %, painting the CIFAR image gray {diag.cifar_blanked_acc:.1f} %. "
             f"The CIFAR patch carries {diag.quadrant_share['CIFAR patch']:.0f} % of the occlusion effect, the digit "
             f"patch {diag.quadrant_share['digit patch']:.0f} %.")
-    relies = (gap - half > 0 and gap > 2) or diag.digit_swap_flip_rate > 10
+    cf_gap = diag.counterfactual["cf_aligned_acc"] - diag.counterfactual["cf_conflicting_acc"]
+    relies = (gap - half > 0 and gap > 2) or cf_gap > 2 or diag.digit_swap_flip_rate > 10
     return text + (" The model relies on the digit shortcut." if relies
                    else " The model does not measurably rely on the digit shortcut.")
 
@@ -287,7 +284,9 @@ def _checkpoint_and_run(checkpoint: str | Path | None, out: Path) -> tuple[Path,
 def build_report(checkpoint: str | Path | None = None, data: str | Path = "data/course", out: str | Path = "results",
                  history: str | Path | None = None, study: str | None = "shortcut", storage: str | None = None,
                  tracking_uri: str | None = None, layers: tuple[str, ...] = ("conv1", "conv5"),
-                 max_images: int = 5000) -> str:
+                 max_images: int = 5000, tta: str = "auto") -> str:
+    """Figures and report.pdf. Figures analyse the model on single views; the headline adds the
+    accuracy with test-time augmentation (`tta`, default: the run's own, as in its q1_test.txt)."""
     out = Path(out)
     ckpt, run_info = _checkpoint_and_run(checkpoint, out)
     rt = resolve_runtime()
@@ -309,6 +308,12 @@ def build_report(checkpoint: str | Path | None = None, data: str | Path = "data/
         test_metrics, test_preds = evaluate_split(model, test, rt)
         rep.headline.append(f"Test accuracy {test_metrics['acc']:.2f} % ({rubric_band(test_metrics['acc'])})"
                             + (f"; digit-conflicting {test_metrics['conflicting_acc']:.2f} %" if "conflicting_acc" in test_metrics else ""))
+    tta = run_tta(ckpt) if tta == "auto" else tta
+    if tta != "none":
+        scored = [("val", val)] + ([("test", test)] if test is not None and test.has_labels else [])
+        accs = [f"{name} {evaluate_split(model, split, rt, tta=tta, geom=geom)[0]['acc']:.2f} %" for name, split in scored]
+        rep.headline.append(f"With test-time augmentation '{tta}' (as in q1_test.txt): {', '.join(accs)}; "
+                            "the figures analyse single views")
 
     rgb, chans = conv1_filter_figures(model)
     rep.add("conv1_filters_rgb", rgb, "All 16 conv1 filters as RGB images. Look for oriented edges and colour "

@@ -180,7 +180,7 @@ def _objective(opts: SweepOptions, experiment_id: str):
             rt = resolve_runtime(cfg.train.device, cfg.train.precision, cfg.train.channels_last)
             val = load_split(opts.data, "val", cfg.geometry.canvas)
             best_model = load_model(run_dir / "q1_model.pt", rt.device)
-            _, preds = evaluate_split(best_model, val, rt, cfg.train.eval_batch_size, cfg.train.tta_flip, cfg.geometry)
+            _, preds = evaluate_split(best_model, val, rt, cfg.train.eval_batch_size, cfg.train.tta, cfg.geometry)
             log_confusion(confusion(preds, val.labels.numpy()), "val_confusion")
             mlflow.log_artifact(str(run_dir / "q1_model.pt"))
             mlflow.log_artifact(str(run_dir / "history.csv"))
@@ -315,8 +315,8 @@ def best(data: str | Path, study_name: str, storage: str | None, tracking_uri: s
                             "the sweep's?") from None
         from .data.layout import split_dir
 
-        n = export_submission(local, split_dir(Path(data), "test"), out)
-    run = mlflow.get_run(run_id)
+        run = mlflow.get_run(run_id)
+        n = export_submission(local, Config.from_flat(run.data.params), split_dir(Path(data), "test"), out)
     info = {"run_id": run_id, "trial": trial.number, "study": study_name, "value": trial.value,
             "params": trial.params, "metrics": {k: v for k, v in run.data.metrics.items() if k.startswith("best_")}}
     write_text_atomic(out / "best_run.json", json.dumps(info, indent=2, sort_keys=True) + "\n")

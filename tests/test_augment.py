@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-from shortcut_study.augment import AUGMENTATIONS, augment_batch, normalize
+from shortcut_study.augment import AUGMENTATIONS, augment_batch, normalize, shift_patch
 from shortcut_study.config import NORM_MEAN, NORM_STD, AugmentConfig, GeometryConfig
 
 G = GeometryConfig()
@@ -69,6 +69,24 @@ def test_translate_shifts_content():
         found = any(torch.equal(y[i, :, 2:22, 2:22], x[i, :, 2 + dy:22 + dy, 2 + dx:22 + dx])
                     for dy in range(-2, 3) for dx in range(-2, 3))
         assert found
+
+
+def test_shift_patch_is_a_fixed_translate():
+    x = normalize(_batch(4))
+    down_right = shift_patch(x, G, 1, 2)
+    assert torch.equal(down_right[:, :, 1:24, 2:24], x[:, :, 0:23, 0:22])  # content moved down 1, right 2
+    assert torch.equal(down_right[..., ~_cifar_mask()], x[..., ~_cifar_mask()])
+    assert torch.equal(shift_patch(x, G, 0, 0), x)
+
+
+def test_tta_views_leave_the_digit_in_place():
+    from shortcut_study.evaluate import TTA
+
+    x = normalize(_batch(4))
+    assert [len(v) for v in TTA.values()] == [1, 2, 18]
+    for name, views in TTA.items():
+        for view in views:
+            assert torch.equal(view(x, G)[..., _digit_mask()], x[..., _digit_mask()]), name
 
 
 def test_image_flip_mirrors_whole_canvas():

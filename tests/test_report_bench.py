@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from torch import nn
 
 from shortcut_study.bench import run_bench
 from shortcut_study.cli import main
-from shortcut_study.config import make_config
+from shortcut_study.config import NORM_MEAN, NORM_STD, make_config
 from shortcut_study.data import load_split
-from shortcut_study.diagnostics import class_activation_norms, selectivity, shortcut_diagnostics
+from shortcut_study.data.layout import SplitData
+from shortcut_study.diagnostics import (class_activation_norms, counterfactual_digit_accuracy, selectivity,
+                                        shortcut_diagnostics)
 from shortcut_study.model import load_model
 from shortcut_study.report import build_report
 from shortcut_study.runtime import resolve_runtime
@@ -35,10 +39,51 @@ def test_shortcut_diagnostics(trained_run, dataset):
     assert diag.occlusion_map.shape == (40, 40)
 
 
+class DigitReader(nn.Module):
+    """A pure shortcut model: predicts the digit painted (as gray level 20 * digit + 10) in the digit patch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        level = (x[:, 0, 32, 32].float() * NORM_STD[0] + NORM_MEAN[0]) * 255
+        return nn.functional.one_hot(((level - 10) / 20).round().long().clamp(0, 9), 10).float()
+
+
+class CifarPatchOnly(nn.Module):
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x[:, :, :24, :24])
+
+
+def _painted_split(n: int = 200, digits: torch.Tensor | None = None) -> SplitData:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    digits = torch.randint(0, 10, (n,), generator=g) if digits is None else digits
+    images = torch.randint(0, 256, (n, 3, 40, 40), generator=g, dtype=torch.uint8)
+    images[:, :, 24:, 24:] = (20 * digits + 10).to(torch.uint8)[:, None, None, None]
+    return SplitData(images, labels, digits, [f"img_{i}.png" for i in range(n)])
+
+
+def test_counterfactual_digit_accuracy_isolates_the_digit():
+    rt = resolve_runtime("cpu")
+    split = _painted_split()
+    cf = counterfactual_digit_accuracy(DigitReader(), split, rt)
+    assert cf == {"cf_aligned_acc": 100.0, "cf_conflicting_acc": 0.0}
+    assert torch.equal(split.images, _painted_split().images)  # the split itself is untouched
+    torch.manual_seed(0)
+    cifar_only = nn.Sequential(nn.Flatten(), nn.Linear(3 * 24 * 24, 10))
+    blind = counterfactual_digit_accuracy(CifarPatchOnly(cifar_only), split, rt)
+    assert blind["cf_aligned_acc"] == blind["cf_conflicting_acc"]  # same images but for the digit
+    unknown = counterfactual_digit_accuracy(DigitReader(), _painted_split(digits=torch.full((200,), -1)), rt)
+    assert all(v != v for v in unknown.values())  # NaN without digit labels
+
+
 def test_report_writes_pdf_and_every_figure(trained_run, dataset, tmp_path):
     out = tmp_path / "results"
-    text = build_report(trained_run / "q1_model.pt", dataset, out, study=None)
+    text = build_report(trained_run / "q1_model.pt", dataset, out, study=None, tta="flip_shift")
     assert "Val accuracy" in text and "Test accuracy" in text
+    assert "With test-time augmentation 'flip_shift'" in text and "test " in text.split("flip_shift")[1]
     assert (out / "report.pdf").read_bytes()[:4] == b"%PDF"
     figures = {p.stem for p in (out / "figures").glob("*.png")}
     assert {f"norms_conv1_filter{i:02d}" for i in range(16)} <= figures
@@ -64,4 +109,5 @@ def test_bench_full_rows_train_and_grade(dataset, tmp_path):
     text = run_bench(dataset, quick=False, presets=("best",), steps=2, out_dir=tmp_path, md=md,
                      results=tmp_path / "results", sets=["train.batch_size=16", "train.num_workers=0", "train.epochs=1"])
     assert "best (full run)" in text and md.read_text().startswith("# Benchmark")
+    assert "## Against the targets" in md.read_text() and "paired" in md.read_text()
     assert len((tmp_path / "results" / "q1_test.txt").read_text().splitlines()) == 30

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,12 +17,13 @@ from optuna.trial import TrialState
 
 from shortcut_study import train as train_module
 from shortcut_study.cli import main
+from shortcut_study.config import Config
 from shortcut_study.errors import UserError
 from shortcut_study.study import SweepOptions, best, open_storage, sweep
 from shortcut_study.tracking import init_tracking
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ("train.batch_size=32", "train.eval_batch_size=64")
+TINY = ("train.batch_size=32", "train.eval_batch_size=64", "train.tta=flip")
 
 
 def _opts(dataset, tmp_path, **kw) -> SweepOptions:
@@ -56,6 +58,13 @@ def test_sweep_tracks_every_trial_resumes_and_exports_best(dataset, tmp_path, ca
     assert "best run" in text and (out / "q1_model.pt").is_file()
     assert len((out / "q1_test.txt").read_text().splitlines()) == 30
     first = (out / "q1_test.txt").read_bytes()
+    # the exported config is the run's, so `predict` on the export reproduces q1_test.txt
+    exported = json.loads((out / "config.json").read_text())
+    winner = mlflow.get_run(json.loads((out / "best_run.json").read_text())["run_id"])
+    assert Config.from_dict(exported).flat() == Config.from_flat(winner.data.params).flat()
+    assert main(["predict", "--checkpoint", str(out / "q1_model.pt"), "--images", str(dataset / "test_unlabeled"),
+                 "--out", str(tmp_path / "again.txt")]) == 0
+    assert (tmp_path / "again.txt").read_bytes() == first
     best(dataset, "t", opts.storage, opts.tracking_uri, out)  # idempotent
     assert (out / "q1_test.txt").read_bytes() == first
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -57,7 +58,7 @@ def test_training_is_seeded(dataset, tmp_path):
 @pytest.mark.parametrize("sets", [
     ["train.pipeline=reference", "train.num_workers=0", "augment.flip=both", "augment.erase_p=0.5",
      "augment.noise_sigma=0.1"],
-    ["train.optimizer=adamw", "train.lr=0.003", "train.schedule=onecycle", "train.ema_decay=0.9", "train.tta_flip=true"],
+    ["train.optimizer=adamw", "train.lr=0.003", "train.schedule=onecycle", "train.ema_decay=0.9", "train.tta=flip_shift"],
     ["train.schedule=step", "train.subset=50", "train.precision=fp32", "train.channels_last=false"],
 ])
 def test_other_pipelines_and_options_train(dataset, tmp_path, sets):
@@ -109,6 +110,27 @@ def test_predict_bad_inputs(trained_run, dataset, tmp_path, capsys):
     assert "does not fit the required CNN" in capsys.readouterr().err
 
 
+def test_predict_uses_the_runs_test_time_augmentation(trained_run, dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained_run / "q1_model.pt", run)
+    cfg = make_config(sets=["train.tta=flip_shift"])
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    images = str(dataset / "test_unlabeled")
+    outs = {}
+    for tta in ("auto", "flip_shift", "none"):
+        outs[tta] = tmp_path / f"{tta}.txt"
+        assert main(["predict", "--checkpoint", str(run / "q1_model.pt"), "--images", images, "--out", str(outs[tta]),
+                     "--tta", tta]) == 0
+    assert outs["auto"].read_text() == outs["flip_shift"].read_text()
+    assert main(["predict", "--checkpoint", str(run / "q1_model.pt"), "--images", images,
+                 "--out", str(tmp_path / "x.txt"), "--tta", "sideways"]) == 2
+    assert "unknown test-time augmentation 'sideways'" in capsys.readouterr().err
+    # the boolean of earlier versions still reads
+    assert make_config(sets=["train.tta_flip=true"]).train.tta == "flip"
+    assert make_config(sets=["train.tta_flip=false"]).train.tta == "none"
+
+
 def test_evaluate_bad_predictions(dataset, tmp_path, capsys):
     labels = dataset / "test_labels.csv"
     names = pd.read_csv(labels)["file"].tolist()
@@ -129,7 +151,7 @@ def test_evaluate_bad_predictions(dataset, tmp_path, capsys):
 def test_bad_config_values(dataset, tmp_path, capsys):
     for sets, message in ((["train.lr=-1"], "train.lr"), (["train.schedule=zigzag"], "train.schedule"),
                           (["train.nope=1"], "unknown config key"), (["train.epochs=ten"], "must be a int"),
-                          (["augment.flip=sideways"], "augment.flip")):
+                          (["augment.flip=sideways"], "augment.flip"), (["train.tta=sideways"], "train.tta")):
         assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), *sum((["--set", s] for s in sets), [])]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
