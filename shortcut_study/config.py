@@ -143,6 +143,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 where the hardware has it) | bf16 | fp32
     channels_last: bool = True
+    compile: bool = False  # torch.compile the training step's model (measured slower on 2 CPU cores)
     eval_batch_size: int = 1024
     num_workers: int = 2  # reference pipeline only
 

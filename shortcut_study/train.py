@@ -87,6 +87,12 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=t.lr)
 
 
+def step_module(model: nn.Module, cfg: Config) -> nn.Module:
+    """The module a training step calls: `model` itself, or with `train.compile` its torch.compile
+    wrapper (sharing the parameters, so checkpoints and evaluation use `model` unchanged)."""
+    return torch.compile(model) if cfg.train.compile else model
+
+
 # ---- batch sources ------------------------------------------------------------------------------
 
 def fast_batches(train: SplitData, cfg: Config, rt: Runtime) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -210,6 +216,7 @@ def fit(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = F
     sched = SCHEDULES[t.schedule](opt, total, round(t.warmup_epochs * steps_per_epoch), t.lr)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True) if t.ema_decay else None
     method = METHODS[t.method]
+    stepper = step_module(model, cfg)
 
     history: list[dict[str, float]] = []
     best_acc, best_epoch, start_epoch = -math.inf, 0, 1
@@ -243,7 +250,7 @@ def fit(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = F
         batches = reference_batches(loader, cfg, rt) if loader is not None else fast_batches(train, cfg, rt)
         for x, y in batches:
             with rt.autocast():
-                loss, logits = method(model, rt.prepare(x), y, t)
+                loss, logits = method(stepper, rt.prepare(x), y, t)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

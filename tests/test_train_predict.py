@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -177,3 +178,11 @@ def test_console_entry_point_error_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr
+
+
+def test_compiled_training_saves_plain_checkpoints(dataset, tmp_path):
+    cfg = make_config(sets=["train.batch_size=32", "train.epochs=1", "train.eval_batch_size=64", "train.compile=true"])
+    result = fit(cfg, dataset, tmp_path / "c", quiet=True)
+    assert math.isfinite(result.history[0]["train_loss"])
+    state = torch.load(tmp_path / "c" / "q1_model.pt", weights_only=True)
+    CNN().load_state_dict(state)  # no torch.compile wrapper prefix in the saved names
