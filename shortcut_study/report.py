@@ -38,12 +38,21 @@ class Report:
         self.headline: list[str] = []
         self.pages: list[tuple[Path, str]] = []
         self.count = 0
+        self.written: set[str] = set()
+
+    def prune(self) -> None:
+        """Remove figures an earlier report left that this one did not draw (e.g. sweep pages from
+        another study), so figures/ matches report.pdf."""
+        for png in self.figures.glob("*.png"):
+            if png.name not in self.written:
+                png.unlink()
 
     def add(self, name: str, fig: plt.Figure, text: str = "", in_pdf: bool = True) -> None:
         path = self.figures / f"{name}.png"
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
+        self.written.add(path.name)
         self.count += 1
         if in_pdf:
             self.pages.append((path, text))
@@ -353,6 +362,7 @@ def build_report(checkpoint: str | Path | None = None, data: str | Path = "data/
     if study:
         sweep_pages(rep, study, storage)
     rep.write_pdf(out / "report.pdf")
+    rep.prune()
     if run_info.get("run_id"):
         _log_to_mlflow(run_info["run_id"], tracking_uri, out, study)
     return "\n".join(rep.headline + [f"wrote {out / 'report.pdf'} ({len(rep.pages) + 1} pages) and {rep.count} "

@@ -81,11 +81,14 @@ def test_counterfactual_digit_accuracy_isolates_the_digit():
 
 def test_report_writes_pdf_and_every_figure(trained_run, dataset, tmp_path):
     out = tmp_path / "results"
+    (out / "figures").mkdir(parents=True)
+    (out / "figures" / "sweep_history.png").write_bytes(b"stale")  # from an earlier report with a sweep
     text = build_report(trained_run / "q1_model.pt", dataset, out, study=None, tta="flip_shift")
     assert "Val accuracy" in text and "Test accuracy" in text
     assert "With test-time augmentation 'flip_shift'" in text and "test " in text.split("flip_shift")[1]
     assert (out / "report.pdf").read_bytes()[:4] == b"%PDF"
     figures = {p.stem for p in (out / "figures").glob("*.png")}
+    assert "sweep_history" not in figures
     assert {f"norms_conv1_filter{i:02d}" for i in range(16)} <= figures
     assert {f"norms_conv5_filter{i:02d}" for i in range(80)} <= figures
     assert {"conv1_filters_rgb", "conv1_filters_channels", "norms_conv1_heatmap", "norms_conv5_heatmap",
