@@ -57,6 +57,14 @@ def _with_patch(images: torch.Tensor, box: tuple[slice, slice], value: torch.Ten
     return out
 
 
+def _with_donor_digits(images: torch.Tensor, donors: torch.Tensor, geom: GeometryConfig) -> torch.Tensor:
+    """`images` with each digit patch replaced by the digit patch of image `donors[i]`."""
+    dy, dx = geom.digit_box
+    out = images.clone()
+    out[:, :, dy, dx] = images[:, :, dy, dx][donors]
+    return out
+
+
 def _different_digit_donors(digits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """For each image, another image whose digit differs (a derangement over digit groups)."""
     donors = rng.permutation(len(digits))
@@ -97,10 +105,7 @@ def counterfactual_digit_accuracy(model: nn.Module, split: SplitData, rt: Runtim
     other = (labels + rng.integers(1, NUM_CLASSES, len(labels))) % NUM_CLASSES  # uniform over digits != label
     out = {}
     for key, wanted in (("cf_aligned_acc", labels), ("cf_conflicting_acc", other)):
-        donors = torch.from_numpy(_donors_showing(digits, wanted, rng))
-        images = split.images.clone()
-        dy, dx = geom.digit_box
-        images[:, :, dy, dx] = split.images[donors][:, :, dy, dx]
+        images = _with_donor_digits(split.images, torch.from_numpy(_donors_showing(digits, wanted, rng)), geom)
         preds = predict_logits(model, images, rt, tta=tta, geom=geom).argmax(1)
         out[key] = float((preds == split.labels).float().mean() * 100)
     return out
@@ -147,10 +152,7 @@ def shortcut_diagnostics(model: nn.Module, split: SplitData, rt: Runtime, geom: 
 
     swap_rate = follows = float("nan")
     if split.has_digits:
-        donors = torch.from_numpy(_different_digit_donors(digits.numpy(), rng))
-        dy, dx = geom.digit_box
-        swapped = _with_patch(images, geom.digit_box, 0)
-        swapped[:, :, dy, dx] = images[donors][:, :, dy, dx]
+        swapped = _with_donor_digits(images, torch.from_numpy(_different_digit_donors(digits.numpy(), rng)), geom)
         swap_rate = float((predict_logits(model, swapped, rt).argmax(1) != preds).float().mean() * 100)
         conflicting = digits != labels
         follows = float((preds[conflicting] == digits[conflicting]).float().mean() * 100) if conflicting.any() else float("nan")
