@@ -1,9 +1,13 @@
 # Thin wrappers around `shortcut-study`; see README.md. Every variable can be overridden:
 #   make train PRESET=best EPOCHS=40      make sweep N_TRIALS=10
 SHELL := /bin/bash
-UV ?= $(shell command -v uv 2>/dev/null || echo uv)
-RUN := $(UV) run --frozen
-SS := $(RUN) shortcut-study
+# A `pip install --user uv` lands here; found by the targets below on a fresh machine.
+export PATH := $(HOME)/.local/bin:$(PATH)
+UV ?= uv
+RUN = $(UV) run --frozen
+SS = $(RUN) shortcut-study
+# Every target that runs Python depends on this stamp: uv and the locked environment, installed once.
+VENV := .venv/.synced-uv-lock
 
 SHARED ?= ../shared/datasets
 CIFAR_TGZ := $(wildcard $(SHARED)/cifar10-images.tar.gz)
@@ -19,28 +23,30 @@ RUN_DIR ?= experiments/runs/$(PRESET)
 EPOCHS ?=
 EPOCH_ARG := $(if $(EPOCHS),--epochs $(EPOCHS),)
 
-.PHONY: all setup data train predict evaluate test bench bench-quick sweep best report ui clean
+.PHONY: all setup data train predict evaluate test bench bench-quick methods sweep best report ui server clean
 
 all: setup data train predict evaluate
 
-setup:
-	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install --quiet uv
+setup: $(VENV)
+$(VENV): pyproject.toml uv.lock
+	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install --quiet --user uv 2>/dev/null || python3 -m pip install --quiet uv
 	$(UV) sync --frozen
+	@touch $@
 
 data: $(DATA)/metadata.csv
-$(DATA)/metadata.csv:
+$(DATA)/metadata.csv: | $(VENV)
 	$(SS) data build --cifar $(CIFAR_SRC) --mnist $(MNIST_SRC) --out $(DATA) $(DOWNLOAD)
 
 train: data
 	$(SS) train --data $(DATA) --out $(RUN_DIR) --preset $(PRESET) $(EPOCH_ARG)
 
-predict:
+predict: $(VENV)
 	$(SS) predict --checkpoint $(RUN_DIR)/q1_model.pt --images $(DATA)/test_unlabeled --out $(RUN_DIR)/q1_test.txt
 
-evaluate:
+evaluate: $(VENV)
 	$(SS) evaluate --predictions $(RUN_DIR)/q1_test.txt --labels $(DATA)/test_labels.csv
 
-test:
+test: $(VENV)
 	$(RUN) pytest -W ignore::DeprecationWarning
 
 bench: data
@@ -48,6 +54,10 @@ bench: data
 
 bench-quick: data
 	$(SS) bench --data $(DATA) --quick
+
+# Every debiasing method on one recipe (preset `methods`, no digit shuffle): results/methods.md.
+methods: data
+	$(SS) bench --methods --data $(DATA) --md results/methods.md
 
 clean:
 	rm -rf experiments/runs .pytest_cache
@@ -57,21 +67,27 @@ STUDY ?= shortcut
 N_TRIALS ?= 24
 SWEEP_TIMEOUT ?= 2400
 SWEEP_ARGS ?=
+WORKERS ?= 1
 TRACKING_URI ?= sqlite:///$(CURDIR)/mlruns/mlflow.db
 STORAGE ?= sqlite:///$(CURDIR)/studies/optuna.db
 UI_PORT ?= 5000
 
-sweep: data
+sweep: data $(VENV)
 	$(SS) sweep --data $(DATA) --study $(STUDY) --n-trials $(N_TRIALS) --timeout $(SWEEP_TIMEOUT) \
-	  --storage $(STORAGE) --tracking-uri $(TRACKING_URI) $(SWEEP_ARGS)
+	  --storage $(STORAGE) --tracking-uri $(TRACKING_URI) --workers $(WORKERS) $(SWEEP_ARGS)
 
-best:
+best: $(VENV)
 	$(SS) best --data $(DATA) --study $(STUDY) --storage $(STORAGE) --tracking-uri $(TRACKING_URI) --out results
 
-ui:
+# A team's PostgreSQL (Optuna storage) + MLflow tracking server; prints the URLs workers pass.
+SERVER_HOST ?= 127.0.0.1
+server: $(VENV)
+	$(SS) server --root studies --host $(SERVER_HOST)
+
+ui: $(VENV)
 	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (Ctrl-C stops it)"
 	$(RUN) mlflow ui --backend-store-uri $(TRACKING_URI) --default-artifact-root $(CURDIR)/mlruns/artifacts \
 	  --host 127.0.0.1 --port $(UI_PORT)
 
-report:
+report: $(VENV)
 	$(SS) report --data $(DATA) --study $(STUDY) --storage $(STORAGE) --tracking-uri $(TRACKING_URI) --out results

@@ -12,65 +12,50 @@ import math
 import os
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .config import REPO_ROOT, Config, make_config
+from .config import Config, make_config
 from .data.layout import load_split
-from .errors import atomic_path, write_text_atomic
 from .diagnostics import counterfactual_digit_accuracy
+from .errors import UserError, atomic_path, require_writable, write_text_atomic
 from .evaluate import evaluate_split, gap_interval
-from .methods import METHODS
-from .model import CNN, load_model
-from .runtime import resolve_runtime
-from .train import (FolderDataset, fast_batches, fit, load_data, make_optimizer, reference_batches, reference_transform,
-                    step_module)
+from .run import Run
+from .runtime import resolve_runtime, train_runtime
+from .train import build_trainer, fit, load_data, train_step
 
-BENCH_DIR = REPO_ROOT / "experiments" / "bench"
+# Outputs go under the working directory, as MLflow's and Optuna's own defaults do.
+BENCH_DIR = Path("experiments") / "bench"
 
 
 def measure_throughput(cfg: Config, data: str | Path, steps: int, warmup: int = 20) -> tuple[float, int]:
     """Training images/s over `steps` optimizer steps (after `warmup`), data loading included, and
     the number of training images (one epoch)."""
+    if steps < 1:
+        raise UserError(f"--steps must be >= 1 (got {steps})")
     warmup = min(warmup, steps)  # tiny runs (tests) warm up for no longer than they measure
     t = cfg.train
-    rt = resolve_runtime(t.device, t.precision, t.channels_last)
+    rt = train_runtime(t)
     torch.manual_seed(t.seed)
     train, _ = load_data(cfg, data, rt)
-    model = CNN().to(rt.device)
-    if rt.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = make_optimizer(model, cfg)
-    method = METHODS[t.method]
-    stepper = step_module(model, cfg)
-    if t.pipeline == "reference":
-        loader = torch.utils.data.DataLoader(
-            FolderDataset(Path(data), train.files, train.labels.cpu(), reference_transform(cfg)),
-            batch_size=t.batch_size, shuffle=True, drop_last=True, num_workers=t.num_workers,
-            persistent_workers=t.num_workers > 0)
+    trainer = build_trainer(cfg, train, rt, data)
 
-        def batches():
-            while True:
-                yield from reference_batches(loader, cfg, rt)
-    else:
-        def batches():
-            while True:
-                yield from fast_batches(train, cfg, rt)
-    seen, start = 0, None
-    for i, (x, y) in enumerate(batches()):
+    def batches():
+        while True:
+            yield from trainer.batches()
+
+    seen, start = 0, time.perf_counter()
+    for i, batch in enumerate(batches()):
         if i == warmup:
             start, seen = time.perf_counter(), 0
         if i == warmup + steps:
             break
-        with rt.autocast():
-            loss, _ = method(stepper, rt.prepare(x), y, t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        seen += len(y)
+        train_step(trainer.method, trainer.opt, batch, rt)
+        seen += len(batch)
     return seen / (time.perf_counter() - start), len(train)
 
 
@@ -78,48 +63,42 @@ def profile_fast_loop(cfg: Config, data: str | Path, steps: int = 20) -> str:
     """Where the fast loop's time goes, by operator family (self CPU time under torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from .augment import augment_batch
-
     t = cfg.train
-    rt = resolve_runtime(t.device, t.precision, t.channels_last)
+    rt = train_runtime(t)
     train, _ = load_data(cfg, data, rt)
-    model = CNN().to(rt.device).to(memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
-    opt = make_optimizer(model, cfg)
-    method = METHODS[t.method]
+    trainer = build_trainer(replace(cfg, train=replace(t, compile=False)), train, rt, data)
 
-    def step(idx):
-        with record_function("augmentation"):
-            x = augment_batch(train.images[idx], cfg.augment, cfg.geometry)
-        with rt.autocast():
-            loss, _ = method(model, rt.prepare(x), train.labels[idx], t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        with record_function("optimizer"):
-            opt.step()
+    def some_steps(n: int) -> None:
+        batches = trainer.batches()
+        for _ in range(n):
+            with record_function("augmentation"):
+                batch = next(batches, None)
+            if batch is None:
+                batches = trainer.batches()
+                continue
+            train_step(trainer.method, trainer.opt, batch, rt)
 
-    bs = t.batch_size
-    for i in range(3):
-        step(torch.arange(i * bs, (i + 1) * bs) % len(train))
+    some_steps(3)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for i in range(steps):
-            step(torch.randint(0, len(train), (bs,)))
+        some_steps(steps)
     # First match wins: backward names contain the forward ones ("mkldnn_convolution_backward").
     families = {"conv bwd": ("convolution_backward", "ConvolutionBackward"),
                 "conv fwd": ("mkldnn_convolution", "aten::convolution", "aten::_convolution", "aten::conv2d"),
                 "batch norm": ("batch_norm", "BatchNorm"),
-                "pooling": ("max_pool", "adaptive_avg_pool", "avg_pool"), "relu": ("relu", "threshold")}
-    totals = {k: 0.0 for k in (*families, "augmentation", "optimizer", "other")}
+                "pooling": ("max_pool", "adaptive_avg_pool", "avg_pool"), "relu": ("relu", "threshold"),
+                "optimizer": ("Optimizer.step", "sgd", "_foreach")}
+    totals = {k: 0.0 for k in (*families, "augmentation", "other")}
     events = prof.key_averages()
     for ev in events:
         name = ev.key
-        if name in ("augmentation", "optimizer"):
-            totals[name] += ev.cpu_time_total  # inclusive time of the labelled ranges
+        if name == "augmentation":
+            totals[name] += ev.cpu_time_total  # inclusive time of the labelled range
             continue
         if name.startswith("ProfilerStep"):
             continue
         fam = next((f for f, keys in families.items() if any(k in name for k in keys)), "other")
         totals[fam] += ev.self_cpu_time_total
-    # self time of ops inside the labelled ranges was counted twice; remove it from "other"
+    # self time of ops inside the labelled range was counted twice; remove it from "other"
     whole = sum(ev.self_cpu_time_total for ev in events)
     totals["other"] = max(0.0, whole - sum(v for k, v in totals.items() if k != "other"))
     total = sum(totals.values()) or 1.0
@@ -136,16 +115,24 @@ def _minutes_to(history: list[dict[str, float]], target: float, with_eval: bool)
     return math.nan
 
 
+def test_metrics(run_dir: Path, data: str | Path) -> dict[str, float]:
+    """Test accuracy of a run's selected model with its own geometry and test-time augmentation:
+    overall, digit-aligned / conflicting, worst group, and the paired counterfactual."""
+    run = Run(run_dir)
+    rt = resolve_runtime()
+    model, cfg = run.load(rt.device)
+    test = load_split(data, "test", cfg.geometry.canvas)
+    if not test.has_labels:
+        return {}
+    tm, _ = evaluate_split(model, test, rt, tta=cfg.train.tta, geom=cfg.geometry)
+    tm.update(counterfactual_digit_accuracy(model, test, rt, cfg.geometry, tta=cfg.train.tta))
+    return tm
+
+
 def full_row(label: str, preset: str, data: str | Path, out_root: Path, sets: list[str]) -> dict[str, float | str]:
     cfg = make_config(preset, sets)
     result = fit(cfg, data, out_root / preset, quiet=False)
-    rt = resolve_runtime(cfg.train.device, cfg.train.precision, cfg.train.channels_last)
-    test = load_split(data, "test", cfg.geometry.canvas)
-    model = load_model(out_root / preset / "q1_model.pt", rt.device)
-    tm: dict[str, float] = {}
-    if test.has_labels:
-        tm, _ = evaluate_split(model, test, rt, tta=cfg.train.tta, geom=cfg.geometry)
-        tm.update(counterfactual_digit_accuracy(model, test, rt, cfg.geometry, tta=cfg.train.tta))
+    tm = test_metrics(out_root / preset, data)
     epochs = len(result.history)
     return {"row": label, "preset": preset, "epochs": epochs, "images_per_s": result.images_per_s,
             "s_per_epoch": result.train_seconds / max(1, epochs), "train_min_to_75_val": _minutes_to(result.history, 75.0, False),
@@ -210,15 +197,65 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def train_flops_per_image(canvas: int = 40) -> float:
+    """Arithmetic of one training image: the CNN's forward multiply-adds (x2), times 3 for the
+    backward pass (gradients of inputs and of weights)."""
+    from torch import nn
+
+    from .model import CNN
+
+    model, total = CNN(), [0.0]
+
+    def count(mod, inputs, out):
+        if isinstance(mod, nn.Conv2d):
+            total[0] += 2 * out.numel() * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+        elif isinstance(mod, nn.Linear):
+            total[0] += 2 * mod.in_features * mod.out_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, canvas, canvas))
+    for h in hooks:
+        h.remove()
+    return 3 * total[0]
+
+
+def peak_images_per_s(bf16: bool) -> float:
+    """What the CPU's peak arithmetic would allow: cores x clock x FLOPs per cycle (two FMA units of
+    the detected vector width; bf16 dot products double it) / FLOPs per training image. An upper
+    bound no real loop reaches (memory traffic, batch norm, pooling)."""
+    per_cycle = {"AVX512": 64, "AVX2": 32}.get(torch.backends.cpu.get_cpu_capability(), 16) * (2 if bf16 else 1)
+    mhz = 0.0
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                mhz = float(line.split(":", 1)[1])
+                break
+    except (OSError, ValueError):
+        return math.nan
+    from .runtime import usable_cpus
+
+    return usable_cpus() * mhz * 1e6 * per_cycle / train_flops_per_image()
+
+
 def machine_line() -> str:
+    """What the figures were measured on: never read one machine's table as another's."""
     rt = resolve_runtime()
-    return f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {rt.describe()}"
+    return (f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, capability "
+            f"{torch.backends.cpu.get_cpu_capability()}, {rt.describe()}, bf16 {'in use' if rt.bf16 else 'not used'}; "
+            f"peak arithmetic allows ~{peak_images_per_s(rt.bf16):,.0f} training images/s")
 
 
 def run_bench(data: str | Path, quick: bool = False, presets: tuple[str, ...] = ("fast", "best", "erm"),
               sets: list[str] | None = None, steps: int = 200, md: str | Path | None = None,
               out_dir: Path = BENCH_DIR, results: Path | None = None) -> str:
     """The benchmark table; with `results`, the `best` preset's model and test predictions go there."""
+    if steps < 1:
+        raise UserError(f"--steps must be >= 1 (got {steps})")
+    for path in (md, results):
+        if path:
+            require_writable(path, "file" if path == md else "folder")
+    require_writable(out_dir, "folder")
     sets = sets or []
     rows: list[dict[str, float | str]] = []
     base = make_config("best", sets)
@@ -239,8 +276,8 @@ def run_bench(data: str | Path, quick: bool = False, presets: tuple[str, ...] = 
             from .data.layout import split_dir
             from .evaluate import export_submission
 
-            export_submission(out_root / "best" / "q1_model.pt", make_config("best", sets), split_dir(Path(data), "test"),
-                              Path(results))
+            run = Run(out_root / "best")
+            export_submission(run.model_path, run.config(), split_dir(Path(data), "test"), Path(results))
     df = pd.DataFrame(rows)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     with atomic_path(out_dir / f"bench-{stamp}{'-quick' if quick else ''}.csv") as tmp:
@@ -255,3 +292,100 @@ def run_bench(data: str | Path, quick: bool = False, presets: tuple[str, ...] = 
                               f"```\n{text}\n```\n\n## Against the targets\n\n{targets_section(df)}\n")
     return text
 
+
+
+# ---- the methods table --------------------------------------------------------------------------
+
+METHOD_ROWS = ("erm", "reweight", "resample", "groupdro", "jtt", "lff", "dfr")
+# JTT's identification stage is 1 of the recipe's 5 epochs (the paper's T is a few epochs of a long run).
+ROW_SETS = {"jtt": ["method.identify_epochs=1"]}
+# What each method knows about the shortcut, for the table.
+KNOWS = {"erm": "nothing", "reweight": "group labels", "resample": "group labels", "groupdro": "group labels",
+         "jtt": "nothing (finds hard examples)", "lff": "nothing (finds hard examples)",
+         "dfr": "group labels on held-out val", "erm + digit shuffle": "where the digit is (augmentation)"}
+
+
+def _fit_or_reuse(cfg: Config, data: str | Path, out: Path) -> list[dict[str, float]]:
+    """Train, or reuse a finished run of the same config in `out` (an interrupted table resumes)."""
+    run = Run(out)
+    if run.last_path.is_file():
+        try:
+            state = run.load_last()
+            if state["epoch"] == cfg.train.epochs and not Config.from_dict(state["config"]).differences(cfg):
+                return state["history"]
+        except UserError:
+            pass
+    return fit(cfg, data, out).history
+
+
+def run_methods_table(data: str | Path, methods: tuple[str, ...] = METHOD_ROWS, sets: list[str] | None = None,
+                      preset: str = "methods", md: str | Path | None = None, out_dir: Path = BENCH_DIR) -> str:
+    """Every method on one recipe (`preset`, no digit shuffle), plus ERM with digit shuffle as the
+    intervention that knows where the shortcut is; test metrics from one run each on this machine."""
+    if md:
+        require_writable(md)
+    require_writable(out_dir, "folder")
+    sets = sets or []
+    rows = []
+    arms = [(name, make_config(preset, sets + [f"train.method={name}", *ROW_SETS.get(name, [])])) for name in methods]
+    arms.append(("erm + digit shuffle", make_config(preset, sets + ["train.method=erm", "augment.digit_shuffle_p=1"])))
+    for label, cfg in arms:
+        out = out_dir / "runs" / "methods" / label.replace(" + ", "+").replace(" ", "_")
+        history = _fit_or_reuse(cfg, data, out)
+        tm = test_metrics(out, data)
+        secs = sum(h["train_seconds"] + h.get("prepare_seconds", 0.0) for h in history)
+        rows.append({"method": label, "knows": KNOWS.get(label, ""), "test_acc": tm.get("acc", math.nan),
+                     "aligned_acc": tm.get("aligned_acc", math.nan),
+                     "conflicting_acc": tm.get("conflicting_acc", math.nan),
+                     "gap": tm.get("aligned_acc", math.nan) - tm.get("conflicting_acc", math.nan),
+                     "worst_group_acc": tm.get("worst_group_acc", math.nan),
+                     "cf_gap": tm.get("cf_aligned_acc", math.nan) - tm.get("cf_conflicting_acc", math.nan),
+                     "train_min": secs / 60})
+    df = pd.DataFrame(rows)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    with atomic_path(out_dir / f"methods-{stamp}.csv") as tmp:
+        df.to_csv(tmp, index=False)
+    recipe = ", ".join(f"{k}={v}" for k, v in arms[0][1].flat().items()
+                       if k.split(".")[0] in ("train", "augment") and k not in ("train.method",))
+    table = df.to_markdown(index=False, floatfmt=".2f")
+    text = "\n".join([f"machine: {machine_line()}", table])
+    if md:
+        write_text_atomic(md, f"# Debiasing methods on one recipe ({dt.date.today()}, `shortcut-study bench --methods`)\n\n"
+                              "Test accuracy (%) on the unbiased test set, one run (seed 0) per row on one machine. "
+                              "`gap` = digit-aligned minus digit-conflicting accuracy; `cf_gap` = the same test images "
+                              "with the digit set to the label minus set to another digit (paired, free of the small "
+                              "aligned group's noise). Every row uses the recipe below *without* digit shuffle, but "
+                              "the last, which adds it: the one intervention that knows where the shortcut is.\n\n"
+                              f"Recipe (preset `{preset}`): {recipe}\n\n```\n{text}\n```\n\n"
+                              f"## Against the goals\n\n{methods_goals(df)}\n")
+    return text
+
+
+def methods_goals(df: pd.DataFrame) -> str:
+    """The issue's goals against the measured rows."""
+    by = {r["method"]: r for _, r in df.iterrows()}
+    lines = ["| goal | measured | met |", "|---|---|---|"]
+    erm = by.get("erm")
+    if erm is None:
+        return "(no ERM row)"
+    for name in ("reweight", "resample", "groupdro", "jtt", "lff", "dfr"):
+        if name not in by:
+            continue
+        r = by[name]
+        closed = 1 - r["gap"] / erm["gap"] if erm["gap"] else math.nan
+        drop = erm["test_acc"] - r["test_acc"]
+        met = closed >= 0.5 and drop <= 2
+        lines.append(f"| {name} closes ≥ half of ERM's gap ({erm['gap']:.2f}) losing ≤ 2 points overall | gap "
+                     f"{r['gap']:.2f} ({closed:.0%} closed), overall {r['test_acc']:.2f} vs {erm['test_acc']:.2f} "
+                     f"({-drop:+.2f}) | {'yes' if met else 'no'} |")
+    blind = [by[n] for n in ("jtt", "lff") if n in by]
+    shuffle = by.get("erm + digit shuffle")
+    if blind and shuffle is not None:
+        top = max(blind, key=lambda r: r["conflicting_acc"])
+        diff = shuffle["conflicting_acc"] - top["conflicting_acc"]
+        lines.append(f"| best method that never sees where the digit is within 3 points of digit shuffle's "
+                     f"conflicting accuracy | {top['method']} {top['conflicting_acc']:.2f} vs "
+                     f"{shuffle['conflicting_acc']:.2f} ({-diff:+.2f}) | {'yes' if diff <= 3 else 'no'} |")
+    lines.append(f"| the ERM row shows the shortcut (aligned ≫ conflicting) | {erm['aligned_acc']:.2f} vs "
+                 f"{erm['conflicting_acc']:.2f} | {'yes' if erm['gap'] > 5 else 'no'} |")
+    return "\n".join(lines)

@@ -16,7 +16,7 @@ def _add_set_arg(p: argparse.ArgumentParser, example: str = "train.lr=0.05") -> 
 
 
 def _add_config_args(p: argparse.ArgumentParser, epochs: bool = True) -> None:
-    p.add_argument("--preset", help="a preset name from experiments/presets/ or a .toml path")
+    p.add_argument("--preset", help="a preset name from shortcut_study/presets/ or a .toml path")
     _add_set_arg(p)
     if epochs:
         p.add_argument("--epochs", type=int, help="shorthand for --set train.epochs=N")
@@ -58,15 +58,17 @@ def cmd_data_oracle(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .run import Run
     from .train import fit
 
-    cfg = _config(args)
+    # A resumed run starts from its saved config; options given now must agree with it.
+    cfg = _config(args, base=Run(Path(args.out)).load_last()["config"] if args.resume else None)
     result = fit(cfg, args.data, args.out, resume=args.resume)
     b = result.best
     print(f"best epoch {result.best_epoch}: val acc {b['acc']:.2f} %, aligned {b.get('aligned_acc', float('nan')):.2f} %, "
           f"conflicting {b.get('conflicting_acc', float('nan')):.2f} % | {result.train_seconds:.0f} s training, "
           f"{result.images_per_s:.0f} images/s ({result.runtime})")
-    print(f"checkpoint: {Path(args.out) / 'q1_model.pt'}")
+    print(f"checkpoint: {result.out_dir / 'q1_model.pt'}")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -83,13 +85,35 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from .study import SweepOptions, sweep
+    from .study import SweepOptions, sweep, validate_sweep
+    from .trials import spawn_workers
 
     opts = SweepOptions(data=Path(args.data), study=args.study, n_trials=args.n_trials,
                         timeout=args.timeout or None, storage=args.storage, tracking_uri=args.tracking_uri,
                         epochs=args.epochs, subset=args.subset, objective=args.objective, seed=args.seed,
                         sets=tuple(args.set), heartbeat=args.heartbeat, grace=args.grace)
+    if args.workers < 1:
+        raise UserError(f"--workers must be >= 1 (got {args.workers})")
+    if args.workers > 1:
+        validate_sweep(opts)  # once, here, rather than N times in the workers
+        argv = sys.argv[1:] if args.argv is None else args.argv
+        code = spawn_workers([a for a in _without_flag(argv, "--workers")], args.workers)
+        if code:
+            raise UserError(f"a sweep worker exited with code {code}; its error is above")
+        return
     print(sweep(opts))
+
+
+def _without_flag(argv: list[str], flag: str) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(f"{flag}="):
+            out.append(a)
+    return out
 
 
 def cmd_best(args: argparse.Namespace) -> None:
@@ -107,10 +131,19 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from .bench import run_bench
+    from .bench import run_bench, run_methods_table
 
+    if args.methods:
+        print(run_methods_table(args.data, sets=args.set, md=args.md))
+        return
     print(run_bench(args.data, quick=args.quick, presets=tuple(args.presets.split(",")), sets=args.set,
                     steps=args.steps, md=args.md, results=Path(args.results) if args.results else None))
+
+
+def cmd_server(args: argparse.Namespace) -> None:
+    from .server import serve
+
+    serve(Path(args.root), host=args.host, pg_port=args.pg_port, mlflow_port=args.port)
 
 
 def _add_study_args(p: argparse.ArgumentParser) -> None:
@@ -121,9 +154,16 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", help="MLflow store (default sqlite:///mlruns/mlflow.db)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's exit code 2, but one `error:` line naming the flag instead of a usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shortcut-study", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="shortcut-study", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     data = sub.add_parser("data", help="build or annotate a composite dataset").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("build", help="build the 40x40 composite dataset in the course layout")
@@ -162,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--images", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--canvas", type=int, default=40, help="expected image size in pixels")
+    p.add_argument("--canvas", type=int, help="expected image size in pixels (default: the run's geometry.canvas)")
     p.add_argument("--tta", default="auto", help="test-time augmentation: none, flip, flip_shift, or auto = "
                    "the run's train.tta (from the config.json beside the checkpoint; none if there is none)")
     p.set_defaults(func=cmd_predict)
@@ -182,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
     p.add_argument("--heartbeat", type=int, default=30, help="seconds between trial heartbeats (RDB storage)")
     p.add_argument("--grace", type=int, default=90, help="seconds without heartbeat before a trial is failed")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this host sharing the study, "
+                   "each pinned to its share of the cores (other hosts join with the same command)")
     _add_set_arg(p, "augment.translate=3 (the base config of every trial)")
     p.set_defaults(func=cmd_sweep)
 
@@ -200,9 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "flip_shift; auto = the run's, from the config.json beside the checkpoint)")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("server", help="PostgreSQL for the Optuna storage + an MLflow tracking server, for a team")
+    p.add_argument("--root", default="studies", help="folder for the database cluster and the artifacts")
+    p.add_argument("--host", default="127.0.0.1", help="interface both listen on (0.0.0.0 for every interface: "
+                   "then anyone who can reach this machine can use them)")
+    p.add_argument("--pg-port", type=int, default=55432)
+    p.add_argument("--port", type=int, default=5000, help="the MLflow server's port")
+    p.set_defaults(func=cmd_server)
+
     p = sub.add_parser("bench", help="training speed and accuracy table for this machine")
     p.add_argument("--data", default="data/course")
     p.add_argument("--quick", action="store_true", help="throughput rows only (a few minutes)")
+    p.add_argument("--methods", action="store_true", help="the debiasing-methods table (preset `methods`, about an "
+                   "hour on 2 CPU cores) instead of the speed table; --md results/methods.md writes it")
     p.add_argument("--presets", default="fast,best,erm", help="presets trained in full (not with --quick)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps per throughput row (after 20 warm-up)")
     p.add_argument("--md", help="also write the table as Markdown to this file")
@@ -212,15 +264,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    # Names from the file system may hold bytes that are not UTF-8 (surrogate escapes).
+    return " ".join(text.split()).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, one line printed by _Parser)
+        return int(exc.code or 0)
+    args.argv = argv
+    import warnings
+
+    # Library warnings (torch, sklearn, mlflow) are for developers; a user sees results or one error line.
+    warnings.filterwarnings("ignore")
     try:
         args.func(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and friends
         return 0
+    except OSError as exc:  # a path that cannot be read or written: a full disk, a read-only mount, ...
+        where = exc.filename or "a file"
+        print(f"error: {_one_line(f'cannot read or write {where}: {exc.strerror or exc}')}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,13 +1,15 @@
 """One typed configuration tree for the whole tool, with defaults that serve.
 
 Every field is reachable from the command line as ``--set section.field=value`` and presets are
-TOML files of the same shape (``experiments/presets/NAME.toml``). The flattened tree is what gets
+TOML files of the same shape (``shortcut_study/presets/NAME.toml``, shipped with the package). The flattened tree is what gets
 logged to MLflow with each run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -15,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .registry import METHODS, SCHEDULES, TTA
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PRESET_DIR = REPO_ROOT / "experiments" / "presets"
+# Presets ship inside the package, so an installed tool (`uv tool install .`) finds them too.
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 CIFAR_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer",
@@ -32,6 +35,42 @@ NORM_STD = (0.228, 0.225, 0.231)
 def _check(ok: bool, name: str, value: Any, want: str) -> None:
     if not ok:
         raise UserError(f"bad config value {name}={value!r}: must be {want}")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One hyperparameter declared once: its default, the range a search draws from (`low`..`high`,
+    log-scaled or not, or `choices`) and the range a user may set (`minimum`..`maximum`)."""
+
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple[Any, ...] = ()
+    minimum: float = -math.inf
+    maximum: float = math.inf
+    help: str = ""
+
+    @property
+    def kind(self) -> type:
+        return type(self.default)
+
+    def convert(self, name: str, value: Any) -> Any:
+        value = _convert(value, self.kind, name)
+        if self.choices:
+            _check(value in self.choices, name, value, f"one of {', '.join(map(str, self.choices))}")
+        elif self.kind in (int, float):
+            _check(math.isfinite(value) and self.minimum <= value <= self.maximum, name, value,
+                   f"in [{self.minimum}, {self.maximum}]")
+        return value
+
+    def suggest(self, trial: Any, key: str) -> Any:
+        """Draw a value from an Optuna trial."""
+        if self.choices:
+            return trial.suggest_categorical(key, list(self.choices))
+        if self.kind is int:
+            return trial.suggest_int(key, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(key, float(self.low), float(self.high), log=self.log)
 
 
 @dataclass
@@ -54,7 +93,8 @@ class GeometryConfig:
             ("cifar", self.cifar_size, self.cifar_top, self.cifar_left),
             ("digit", self.digit_size, self.digit_top, self.digit_left),
         ):
-            _check(size >= 4, f"geometry.{name}_size", size, ">= 4")
+            _check(4 <= size <= self.canvas, f"geometry.{name}_size", size,
+                   f"between 4 and geometry.canvas ({self.canvas})")
             _check(0 <= top and top + size <= self.canvas, f"geometry.{name}_top", top,
                    f"such that the {name} patch fits the {self.canvas}px canvas")
             _check(0 <= left and left + size <= self.canvas, f"geometry.{name}_left", left,
@@ -93,6 +133,8 @@ class BuildConfig:
 
 
 FLIP_MODES = ("none", "patch", "image", "both")
+# Model-selection criteria (`train.select`, the sweep's `--objective`) -> the val metric they maximise.
+SELECT_METRICS = {"val_acc": "acc", "worst_group": "worst_group_acc", "conflicting": "conflicting_acc"}
 
 
 @dataclass
@@ -128,7 +170,7 @@ class TrainConfig:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    schedule: str = "cosine"  # see train.SCHEDULES
+    schedule: str = "cosine"  # see schedules.py
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     ema_decay: float = 0.0  # 0 = off; else evaluate an exponential moving average of weights
@@ -136,7 +178,10 @@ class TrainConfig:
     # flip_shift (x shifts of the CIFAR patch by up to 1 px, 18 views). Per-epoch model selection
     # uses at most `flip`; the selected model is then evaluated with the full setting.
     tta: str = "none"
-    method: str = "erm"  # see methods.METHODS
+    method: str = "erm"  # a registered method (methods/); its hyperparameters are the [method] section
+    # Model selection per epoch: val_acc | worst_group (worst class x digit-aligned group) |
+    # conflicting (digit-conflicting images only); the last two need digit labels on val.
+    select: str = "val_acc"
     pipeline: str = "fast"  # fast (tensors on the device) | reference (ImageFolder + DataLoader)
     subset: int = 0  # train on the first N training images (0 = all)
     seed: int = 0
@@ -144,33 +189,34 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 where the hardware has it) | bf16 | fp32
     channels_last: bool = True
     compile: bool = False  # torch.compile the training step's model (measured slower on 2 CPU cores)
+    # CPU threads: 0 = one per CPU this process may run on (its affinity mask); parallel sweep
+    # workers are each pinned to their share of the cores, so they split them instead of fighting.
+    threads: int = 0
     eval_batch_size: int = 1024
     num_workers: int = 2  # reference pipeline only
 
     def validate(self) -> None:
-        from .evaluate import TTA
-        from .methods import METHODS
-        from .train import SCHEDULES
-
         _check(1 <= self.epochs <= 1000, "train.epochs", self.epochs, "in 1..1000")
         _check(1 <= self.batch_size <= 65536, "train.batch_size", self.batch_size, "in 1..65536")
         _check(self.optimizer in ("sgd", "adamw"), "train.optimizer", self.optimizer, "sgd or adamw")
         _check(0 < self.lr <= 10, "train.lr", self.lr, "in (0, 10]")
         _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "in [0, 1)")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
-        _check(self.schedule in SCHEDULES, "train.schedule", self.schedule, f"one of {sorted(SCHEDULES)}")
+        SCHEDULES.check(self.schedule)
         _check(0 <= self.warmup_epochs <= self.epochs, "train.warmup_epochs", self.warmup_epochs,
                "between 0 and train.epochs")
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "in [0, 1)")
         _check(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "in [0, 1)")
-        _check(self.method in METHODS, "train.method", self.method, f"one of {sorted(METHODS)}")
-        _check(self.tta in TTA, "train.tta", self.tta, f"one of {list(TTA)}")
+        METHODS.check(self.method)
+        TTA.check(self.tta)
+        _check(self.select in SELECT_METRICS, "train.select", self.select, f"one of {', '.join(SELECT_METRICS)}")
         _check(self.pipeline in ("fast", "reference"), "train.pipeline", self.pipeline, "fast or reference")
         _check(self.subset >= 0, "train.subset", self.subset, ">= 0")
         _check(self.precision in ("auto", "bf16", "fp32"), "train.precision", self.precision,
                "auto, bf16 or fp32")
-        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
                "train.device", self.device, "auto, cpu, cuda or cuda:N")
+        _check(0 <= self.threads <= 1024, "train.threads", self.threads, "in 0..1024 (0 = the usable CPUs)")
         _check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, ">= 1")
         _check(self.num_workers >= 0, "train.num_workers", self.num_workers, ">= 0")
 
@@ -181,15 +227,27 @@ class Config:
     build: BuildConfig = field(default_factory=BuildConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # The chosen method's own hyperparameters (`--set method.eta=0.01`), declared by the method
+    # class with default and search range; `validate` checks them and fills in the defaults.
+    method: dict[str, Any] = field(default_factory=dict)
+
+    def method_params(self) -> dict[str, Param]:
+        return METHODS[self.train.method].hparams
 
     def validate(self) -> Config:
-        for section in dataclasses.fields(self):
-            getattr(self, section.name).validate()
+        for name in _SECTIONS:
+            getattr(self, name).validate()
+        declared = self.method_params()
+        for key in self.method:
+            if key not in declared:
+                raise UserError(f"unknown config key 'method.{key}': method {self.train.method} has "
+                                f"{', '.join(declared) or 'no hyperparameters'}")
+        self.method = {k: p.convert(f"method.{k}", self.method.get(k, p.default)) for k, p in declared.items()}
         return self
 
     def flat(self) -> dict[str, Any]:
         """`{"section.field": value}` for logging."""
-        return {f"{s}.{k}": v for s, sub in dataclasses.asdict(self).items() for k, v in sub.items()}
+        return {f"{s}.{k}": v for s, sub in self.to_dict().items() for k, v in sub.items()}
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -204,11 +262,22 @@ class Config:
 
     @classmethod
     def from_dict(cls, tree: dict[str, dict[str, Any]]) -> Config:
+        if not isinstance(tree, dict):
+            raise UserError(f"a run config must be a table of sections, not {type(tree).__name__}")
         cfg = cls()
         for section, values in tree.items():
+            if section.startswith("_"):  # metadata beside the sections (a run's model hash)
+                continue
+            if not isinstance(values, dict):
+                raise UserError(f"config entry {section!r} must be a [section] table")
             for key, value in values.items():
                 set_value(cfg, f"{section}.{key}", value)
         return cfg.validate()
+
+    def differences(self, other: Config) -> list[str]:
+        """`key: ours -> theirs` for every value that differs."""
+        a, b = self.flat(), other.flat()
+        return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def _convert(value: Any, kind: type, name: str) -> Any:
@@ -223,11 +292,13 @@ def _convert(value: Any, kind: type, name: str) -> Any:
                 raise ValueError
             if kind is int:
                 return int(float(text)) if float(text).is_integer() else int(text)
-            return kind(text)
-        except ValueError:
+            value = kind(text)
+        except (ValueError, OverflowError):
             raise UserError(f"bad config value {name}={value!r}: must be a {kind.__name__}") from None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
+    if kind is float and isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"bad config value {name}={value!r}: must be a finite number")
     if kind is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -240,16 +311,19 @@ def set_value(cfg: Config, dotted: str, value: Any) -> None:
     if dotted == "train.tta_flip":  # the boolean of earlier versions (saved run configs, MLflow params)
         dotted, value = "train.tta", "flip" if _convert(value, bool, dotted) else "none"
     section_name, _, key = dotted.partition(".")
+    if section_name == "method" and key:  # checked against the method's declaration in validate()
+        cfg.method[key] = value
+        return
     section = getattr(cfg, section_name, None) if section_name in _SECTIONS else None
     if section is None or not key:
-        raise UserError(f"unknown config key {dotted!r}: sections are {', '.join(_SECTIONS)}")
+        raise UserError(f"unknown config key {dotted!r}: sections are {', '.join(_SECTIONS)}, method")
     hints = typing.get_type_hints(type(section))
     if key not in hints:
         raise UserError(f"unknown config key {dotted!r}: {section_name} has {', '.join(hints)}")
     setattr(section, key, _convert(value, hints[key], dotted))
 
 
-_SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+_SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "method")
 
 
 def preset_names() -> list[str]:

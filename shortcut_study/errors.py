@@ -56,3 +56,24 @@ def require_dir(path: str | Path, what: str, fix: str) -> Path:
     if not path.is_dir():
         raise UserError(f"{what} not found: {path} — {fix}")
     return path
+
+
+def require_writable(path: str | Path, kind: str = "file") -> Path:
+    """Check, before any work, that `path` can be written as a `kind` ("file" or "folder"): not
+    an existing folder where a file goes (or the reverse), not under a file, on a writable mount."""
+    path = Path(path)
+    if path.exists():
+        if kind == "file" and path.is_dir():
+            raise UserError(f"cannot write {path}: it is a folder — give a file path")
+        if kind == "folder" and not path.is_dir():
+            raise UserError(f"cannot write {path}: it is a file — give a folder path")
+        target = path if kind == "folder" else path.parent
+    else:
+        target = path.parent
+        while not target.exists():
+            target = target.parent
+        if not target.is_dir():
+            raise UserError(f"cannot write {path}: {target} is a file, not a folder")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {path}: {target} is not writable (read-only or another owner)")
+    return path

@@ -6,9 +6,9 @@ digit-conflicting ones, the worst class and the worst (class, aligned) group.
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Callable
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,42 +17,17 @@ import torch
 from sklearn.metrics import confusion_matrix
 from torch import nn
 
-from .augment import flip_patch, normalize, shift_patch
+from .augment import normalize
 from .config import NUM_CLASSES, Config, GeometryConfig
 from .data.layout import SplitData, read_images
-from .errors import UserError, atomic_path, require_dir, require_file, write_text_atomic
+from .errors import UserError, require_dir, require_file, require_writable, write_text_atomic
 from .model import load_model
+from .registry import TTA
+from .run import CONFIG_FILE, MODEL_FILE, Run
 from .runtime import Runtime, resolve_runtime
 
 RUBRIC = ((75.0, "≥ 75 % (20 pts)"), (70.0, "70–75 % (15 pts)"), (65.0, "65–70 % (10 pts)"),
           (60.0, "60–65 % (5 pts)"))
-
-
-View = Callable[[torch.Tensor, GeometryConfig], torch.Tensor]
-
-
-def _identity(x: torch.Tensor, geom: GeometryConfig) -> torch.Tensor:
-    return x
-
-
-def _shifted_views(flipped: bool) -> list[View]:
-    return [(lambda x, g, dy=dy, dx=dx: shift_patch(flip_patch(x, g) if flipped else x, g, dy, dx))
-            for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-
-
-# Test-time augmentation: name -> the views whose softmax probabilities are averaged. Views move
-# or mirror the CIFAR patch only: the digit stays where the test set has it.
-TTA: dict[str, list[View]] = {
-    "none": [_identity],
-    "flip": [_identity, flip_patch],
-    "flip_shift": _shifted_views(False) + _shifted_views(True),
-}
-# Per-epoch model selection uses this cheap setting when a costlier one is configured.
-MONITOR_TTA = "flip"
-
-
-def monitor_tta(tta: str) -> str:
-    return tta if len(TTA[tta]) <= len(TTA[MONITOR_TTA]) else MONITOR_TTA
 
 
 @torch.no_grad()
@@ -61,7 +36,7 @@ def predict_logits(model: nn.Module, images_u8: torch.Tensor, rt: Runtime, batch
     """Logits (N, 10) on the CPU for uint8 images. With test-time augmentation (`TTA`), the log of
     the views' mean softmax probability."""
     if tta not in TTA:
-        raise UserError(f"unknown test-time augmentation {tta!r}: choose one of {', '.join(TTA)}")
+        raise UserError(f"unknown test-time augmentation {tta!r}: choose one of {', '.join(TTA.names())}")
     was_training = model.training
     model.eval()
     geom = geom or GeometryConfig()
@@ -132,56 +107,71 @@ def format_predictions(files: list[str], preds: np.ndarray) -> str:
     return "".join(f"{Path(f).name},{int(p)}\n" for f, p in zip(files, preds))
 
 
-def run_tta(checkpoint: str | Path) -> str:
-    """The test-time augmentation a run was trained and selected with: `train.tta` of the
-    config.json beside its checkpoint ("none" for a bare checkpoint)."""
-    config = Path(checkpoint).with_name("config.json")
-    if not config.is_file():
-        return "none"
-    try:
-        return Config.from_dict(json.loads(config.read_text())).train.tta
-    except (ValueError, AttributeError) as exc:
-        raise UserError(f"{config} is not a run config ({exc}): pass --tta explicitly or remove it") from None
-
-
-def predict_folder(checkpoint: str | Path, images: str | Path, out: str | Path, canvas: int = 40,
-                   device: str = "auto", tta: str = "auto") -> int:
+def predict_folder(checkpoint: str | Path, images: str | Path, out: str | Path, canvas: int | None = None,
+                  device: str = "auto", tta: str = "auto") -> int:
     """Write `<file>,<label>` for every PNG in `images` (names sorted as strings); return the count.
-    `tta="auto"` uses the run's own setting (`run_tta`)."""
+    The run's own config (the config.json beside the checkpoint) gives the geometry and, with
+    `tta="auto"`, the test-time augmentation."""
+    require_writable(out)
     root = require_dir(images, "image folder", "pass --images DIR with the test PNGs")
     names = sorted(p.name for p in root.iterdir() if p.suffix.lower() == ".png")
     if not names:
         raise UserError(f"{root} holds no .png images — pass the folder with the test images")
+    bad = [n for n in names if "," in n or not n.isprintable()]
+    if bad:
+        raise UserError(f"{root / bad[0]}: a comma or control character in the file name cannot be written "
+                        "as `<file>,<label>` — rename it")
     rt = resolve_runtime(device)
-    model = load_model(checkpoint, rt.device)
-    tta = run_tta(checkpoint) if tta == "auto" else tta
-    x = torch.from_numpy(read_images(root, names, canvas))
-    preds = predict_logits(model, x, rt, tta=tta).argmax(1).numpy()
+    model, cfg = Run.of(checkpoint).load(rt.device, checkpoint)
+    if canvas is not None and canvas != cfg.geometry.canvas:
+        raise UserError(f"--canvas {canvas} differs from the run's geometry.canvas {cfg.geometry.canvas} "
+                        f"(from {Run.of(checkpoint).config_path}) — drop --canvas")
+    tta = cfg.train.tta if tta == "auto" else tta
+    x = torch.from_numpy(read_images(root, names, cfg.geometry.canvas))
+    preds = predict_logits(model, x, rt, tta=tta, geom=cfg.geometry).argmax(1).numpy()
     write_text_atomic(out, format_predictions(names, preds))
     return len(names)
 
 
-def export_submission(checkpoint: str | Path, config: Config, test_images: str | Path, out: str | Path) -> int:
-    """Write OUT/q1_model.pt (a copy of `checkpoint`), OUT/config.json (the run's configuration, so
-    `predict` applies the same test-time augmentation) and OUT/q1_test.txt; each atomically."""
-    import shutil
+PREDICTIONS_FILE = "q1_test.txt"
 
-    out = Path(out)
-    with atomic_path(out / "q1_model.pt") as tmp:
-        shutil.copyfile(checkpoint, tmp)
-    write_text_atomic(out / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
-    return predict_folder(out / "q1_model.pt", test_images, out / "q1_test.txt", canvas=config.geometry.canvas,
-                          tta=config.train.tta)
+
+def export_submission(checkpoint: str | Path, config: Config, test_images: str | Path, out: str | Path,
+                      extra: dict[str, str] | None = None) -> int:
+    """Write OUT/q1_model.pt, OUT/config.json (the run's configuration, so `predict` applies the same
+    geometry and test-time augmentation), OUT/q1_test.txt and the `extra` text files as one unit:
+    all are made in a staging folder first, and nothing in OUT changes unless every one succeeded."""
+    out = require_writable(out, "folder")
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / ".export.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        run = Run(staging)
+        run.save_model(load_model(checkpoint), config)
+        n = predict_folder(run.model_path, test_images, staging / PREDICTIONS_FILE)
+        for name, text in (extra or {}).items():
+            write_text_atomic(staging / name, text)
+        for name in (MODEL_FILE, CONFIG_FILE, PREDICTIONS_FILE, *(extra or {})):
+            os.replace(staging / name, out / name)
+    except OSError as exc:
+        raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return n
 
 
 def read_predictions(path: str | Path) -> pd.Series:
     path = require_file(path, "predictions file", "run `shortcut-study predict` first")
     rows = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark from an editor is not part of a name
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text — write it as `img_N.png,<label>` lines") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        name, sep, label = line.strip().partition(",")
-        if not sep or not label.strip().lstrip("-").isdigit():
+        name, sep, label = (part.strip() for part in line.strip().partition(","))
+        if not sep or not name or not label.lstrip("-").isdigit():
             raise UserError(f"{path}:{n}: expected `img_N.png,<label>`, got {line.strip()!r}")
         if name in rows:
             raise UserError(f"{path}:{n}: duplicate prediction for {name} — one line per image")
@@ -193,14 +183,18 @@ def read_predictions(path: str | Path) -> pd.Series:
 
 def grade(predictions: str | Path, labels: str | Path) -> dict[str, float | str]:
     """Grade a predictions file against `test_labels.csv` (file,label[,digit])."""
+    from .data.layout import read_table
+
     preds = read_predictions(predictions)
     path = require_file(labels, "labels file", "it is written by `shortcut-study data build` (test_labels.csv)")
     try:
-        truth = pd.read_csv(path)
-    except (ValueError, pd.errors.ParserError) as exc:
-        raise UserError(f"{path} is not a CSV ({exc})") from None
-    if not {"file", "label"} <= set(truth.columns):
-        raise UserError(f"{path} needs columns file,label (got {', '.join(truth.columns)})")
+        header = pd.read_csv(path, nrows=0, encoding="utf-8-sig").columns
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not a CSV ({str(exc).strip().splitlines()[0][:150]})") from None
+    if not {"file", "label"} <= set(header):
+        raise UserError(f"{path} needs columns file,label (got {', '.join(header)})")
+    fix = "the labels file is written by `shortcut-study data build` (test_labels.csv)"
+    truth = read_table(path, {"label": NUM_CLASSES, **({"digit": 10} if "digit" in header else {})}, fix)
     missing = sorted(set(truth["file"]) - set(preds.index))
     extra = sorted(set(preds.index) - set(truth["file"]))
     if missing:

@@ -71,6 +71,10 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> CNN:
         state = state["model"]  # a last-state training checkpoint
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"checkpoint {path} is not a state_dict of tensors: give q1_model.pt")
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise UserError(f"checkpoint {path} holds NaN or infinite weights ({bad}): the training that wrote it "
+                        "diverged — retrain with a lower train.lr")
     model = CNN()
     try:
         model.load_state_dict(state, strict=True)

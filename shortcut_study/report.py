@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -19,9 +21,11 @@ from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 from .config import CIFAR_CLASSES, GeometryConfig  # noqa: E402
 from .data.layout import load_split  # noqa: E402
 from .diagnostics import class_activation_norms, selectivity, shortcut_diagnostics  # noqa: E402
-from .errors import UserError, atomic_path  # noqa: E402
-from .evaluate import confusion, evaluate_split, gap_interval, rubric_band, run_tta  # noqa: E402
-from .model import CNN, load_model  # noqa: E402
+from .errors import UserError, atomic_path, require_writable  # noqa: E402
+from .diagnostics import LAYERS  # noqa: E402
+from .evaluate import confusion, evaluate_split, gap_interval, rubric_band  # noqa: E402
+from .model import CNN  # noqa: E402
+from .run import Run  # noqa: E402
 from .runtime import resolve_runtime  # noqa: E402
 from .tracking import confusion_figure  # noqa: E402
 
@@ -29,30 +33,40 @@ SHORT = ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", 
 
 
 class Report:
-    """Saves each figure as figures/<name>.png the moment it is made (and closes it); remembers the
-    pages for the PDF, where each is laid out alike: the figure above, its computed text below."""
+    """Saves each figure as a PNG the moment it is made (and closes it) into a staging folder;
+    remembers the pages for the PDF, where each is laid out alike: the figure above, its computed
+    text below. `publish` swaps the staged figures/ and report.pdf in as one unit, so figures/
+    always matches report.pdf and a failed report leaves the previous one whole."""
 
     def __init__(self, out: Path) -> None:
-        self.figures = out / "figures"
-        self.figures.mkdir(parents=True, exist_ok=True)
+        self.out = out
+        self.staging = out / ".report.partial"
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.figures = self.staging / "figures"
+        self.figures.mkdir(parents=True)
         self.headline: list[str] = []
         self.pages: list[tuple[Path, str]] = []
         self.count = 0
-        self.written: set[str] = set()
 
-    def prune(self) -> None:
-        """Remove figures an earlier report left that this one did not draw (e.g. sweep pages from
-        another study), so figures/ matches report.pdf."""
-        for png in self.figures.glob("*.png"):
-            if png.name not in self.written:
-                png.unlink()
+    def publish(self) -> None:
+        self.write_pdf(self.staging / "report.pdf")
+        old = self.out / ".figures.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if (self.out / "figures").exists():
+            os.replace(self.out / "figures", old)
+        os.replace(self.figures, self.out / "figures")
+        os.replace(self.staging / "report.pdf", self.out / "report.pdf")
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
 
     def add(self, name: str, fig: plt.Figure, text: str = "", in_pdf: bool = True) -> None:
         path = self.figures / f"{name}.png"
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
-        self.written.add(path.name)
         self.count += 1
         if in_pdf:
             self.pages.append((path, text))
@@ -296,77 +310,98 @@ def build_report(checkpoint: str | Path | None = None, data: str | Path = "data/
                  max_images: int = 5000, tta: str = "auto") -> str:
     """Figures and report.pdf. Figures analyse the model on single views; the headline adds the
     accuracy with test-time augmentation (`tta`, default: the run's own, as in its q1_test.txt)."""
-    out = Path(out)
+    out = require_writable(out, "folder")
     ckpt, run_info = _checkpoint_and_run(checkpoint, out)
     rt = resolve_runtime()
-    model = load_model(ckpt, rt.device)
-    geom = GeometryConfig()
+    unknown = [layer for layer in layers if layer not in LAYERS]
+    if unknown or not layers:
+        raise UserError(f"--layers {','.join(layers)}: choose among {','.join(LAYERS)}")
+    history_frame = _read_history(Path(history)) if history else None  # checked before any figure is written
+    model, cfg = Run.of(ckpt).load(rt.device, ckpt)
+    geom = cfg.geometry  # the run's own patch boxes and canvas
     val = load_split(data, "val", geom.canvas)
     rep = Report(out)
-
-    val_metrics, val_preds = evaluate_split(model, val, rt)
-    rep.headline.append(f"Checkpoint: {ckpt}" + (f" (MLflow run {run_info['run_id']})" if run_info.get("run_id") else ""))
-    rep.headline.append(f"Val accuracy {val_metrics['acc']:.2f} % on {len(val)} images"
-                        + (f"; digit-aligned {val_metrics['aligned_acc']:.2f} %, digit-conflicting "
-                           f"{val_metrics['conflicting_acc']:.2f} %" if "aligned_acc" in val_metrics else ""))
     try:
-        test = load_split(data, "test", geom.canvas)
-    except UserError:
-        test = None
-    if test is not None and test.has_labels:
-        test_metrics, test_preds = evaluate_split(model, test, rt)
-        rep.headline.append(f"Test accuracy {test_metrics['acc']:.2f} % ({rubric_band(test_metrics['acc'])})"
-                            + (f"; digit-conflicting {test_metrics['conflicting_acc']:.2f} %" if "conflicting_acc" in test_metrics else ""))
-    tta = run_tta(ckpt) if tta == "auto" else tta
-    if tta != "none":
-        scored = [("val", val)] + ([("test", test)] if test is not None and test.has_labels else [])
-        accs = [f"{name} {evaluate_split(model, split, rt, tta=tta, geom=geom)[0]['acc']:.2f} %" for name, split in scored]
-        rep.headline.append(f"With test-time augmentation '{tta}' (as in q1_test.txt): {', '.join(accs)}; "
-                            "the figures analyse single views")
+        val_metrics, val_preds = evaluate_split(model, val, rt)
+        rep.headline.append(f"Checkpoint: {ckpt}" + (f" (MLflow run {run_info['run_id']})" if run_info.get("run_id") else ""))
+        rep.headline.append(f"Val accuracy {val_metrics['acc']:.2f} % on {len(val)} images"
+                            + (f"; digit-aligned {val_metrics['aligned_acc']:.2f} %, digit-conflicting "
+                               f"{val_metrics['conflicting_acc']:.2f} %" if "aligned_acc" in val_metrics else ""))
+        try:
+            test = load_split(data, "test", geom.canvas)
+        except UserError:
+            test = None
+        if test is not None and test.has_labels:
+            test_metrics, test_preds = evaluate_split(model, test, rt)
+            rep.headline.append(f"Test accuracy {test_metrics['acc']:.2f} % ({rubric_band(test_metrics['acc'])})"
+                                + (f"; digit-conflicting {test_metrics['conflicting_acc']:.2f} %" if "conflicting_acc" in test_metrics else ""))
+        tta = cfg.train.tta if tta == "auto" else tta
+        if tta != "none":
+            scored = [("val", val)] + ([("test", test)] if test is not None and test.has_labels else [])
+            accs = [f"{name} {evaluate_split(model, split, rt, tta=tta, geom=geom)[0]['acc']:.2f} %" for name, split in scored]
+            rep.headline.append(f"With test-time augmentation '{tta}' (as in q1_test.txt): {', '.join(accs)}; "
+                                "the figures analyse single views")
 
-    rgb, chans = conv1_filter_figures(model)
-    rep.add("conv1_filters_rgb", rgb, "All 16 conv1 filters as RGB images. Look for oriented edges and colour "
-            "blobs: the low-level features every class shares.")
-    rep.add("conv1_filters_channels", chans, "The same filters per input channel.")
+        rgb, chans = conv1_filter_figures(model)
+        rep.add("conv1_filters_rgb", rgb, "All 16 conv1 filters as RGB images. Look for oriented edges and colour "
+                "blobs: the low-level features every class shares.")
+        rep.add("conv1_filters_channels", chans, "The same filters per input channel.")
 
-    norms = class_activation_norms(model, val, rt, layers)
-    sel = {layer: selectivity(n) for layer, n in norms.items()}
-    for layer, n in norms.items():
-        for i in range(n.shape[1]):
-            rep.add(f"norms_{layer}_filter{i:02d}", filter_bar(n, layer, i), in_pdf=False)
-        for start in range(0, n.shape[1], 16):
-            count = min(16, n.shape[1] - start)
-            rep.add(f"norms_{layer}_overview_{start:02d}", norms_overview(n, layer, start, count),
-                    f"{layer}: median selectivity index {np.median(sel[layer]['si']):.2f} over {n.shape[1]} filters.")
-        rep.add(f"norms_{layer}_heatmap", norms_heatmap(n, layer),
-                f"{layer}: each filter's class-wise norm divided by its mean over classes; "
-                f"uniform columns mean class-agnostic filters.")
-    rep.add("selectivity", selectivity_figure(sel), selectivity_sentence(sel))
+        norms = class_activation_norms(model, val, rt, layers)
+        sel = {layer: selectivity(n) for layer, n in norms.items()}
+        for layer, n in norms.items():
+            for i in range(n.shape[1]):
+                rep.add(f"norms_{layer}_filter{i:02d}", filter_bar(n, layer, i), in_pdf=False)
+            for start in range(0, n.shape[1], 16):
+                count = min(16, n.shape[1] - start)
+                rep.add(f"norms_{layer}_overview_{start:02d}", norms_overview(n, layer, start, count),
+                        f"{layer}: median selectivity index {np.median(sel[layer]['si']):.2f} over {n.shape[1]} filters.")
+            rep.add(f"norms_{layer}_heatmap", norms_heatmap(n, layer),
+                    f"{layer}: each filter's class-wise norm divided by its mean over classes; "
+                    f"uniform columns mean class-agnostic filters.")
+        rep.add("selectivity", selectivity_figure(sel), selectivity_sentence(sel))
 
-    rep.add("confusion_val", confusion_figure(confusion(val_preds, val.labels.numpy()), "val confusion matrix"),
-            f"Worst class on val: {val_metrics['worst_class_acc']:.1f} %.")
-    if test is not None and test.has_labels:
-        rep.add("confusion_test", confusion_figure(confusion(test_preds, test.labels.numpy()), "test confusion matrix"),
-                f"Worst class on test: {test_metrics['worst_class_acc']:.1f} %.")
-    hist_path = Path(history) if history else ckpt.parent / "history.csv"
-    if not hist_path.is_file() and run_info.get("run_id"):
-        hist_path = _download_history(run_info["run_id"], tracking_uri, out)
-    if hist_path and hist_path.is_file():
-        rep.add("training_curves", curves_figure(pd.read_csv(hist_path)), "Training loss and accuracies per epoch.")
+        rep.add("confusion_val", confusion_figure(confusion(val_preds, val.labels.numpy()), "val confusion matrix"),
+                f"Worst class on val: {val_metrics['worst_class_acc']:.1f} %.")
+        if test is not None and test.has_labels:
+            rep.add("confusion_test", confusion_figure(confusion(test_preds, test.labels.numpy()), "test confusion matrix"),
+                    f"Worst class on test: {test_metrics['worst_class_acc']:.1f} %.")
+        if history_frame is None:
+            hist_path = Run.of(ckpt).history_path
+            if not hist_path.is_file() and run_info.get("run_id"):
+                hist_path = _download_history(run_info["run_id"], tracking_uri, out)
+            history_frame = _read_history(hist_path) if hist_path and hist_path.is_file() else None
+        if history_frame is not None:
+            rep.add("training_curves", curves_figure(history_frame), "Training loss and accuracies per epoch.")
 
-    if val.has_digits:
-        diag = shortcut_diagnostics(model, val, rt, geom, max_images=max_images)
-        rep.add("shortcut_diagnostics", shortcut_figure(diag, geom), shortcut_sentence(diag))
-        rep.headline.append(f"Digit swap flips {diag.digit_swap_flip_rate:.1f} % of predictions; CIFAR patch share "
-                            f"of the decision {diag.quadrant_share['CIFAR patch']:.0f} %")
-    if study:
-        sweep_pages(rep, study, storage)
-    rep.write_pdf(out / "report.pdf")
-    rep.prune()
+        if val.has_digits:
+            diag = shortcut_diagnostics(model, val, rt, geom, max_images=max_images)
+            rep.add("shortcut_diagnostics", shortcut_figure(diag, geom), shortcut_sentence(diag))
+            rep.headline.append(f"Digit swap flips {diag.digit_swap_flip_rate:.1f} % of predictions; CIFAR patch share "
+                                f"of the decision {diag.quadrant_share['CIFAR patch']:.0f} %")
+        if study:
+            sweep_pages(rep, study, storage)
+        rep.publish()
+    except BaseException:
+        rep.discard()
+        raise
     if run_info.get("run_id"):
         _log_to_mlflow(run_info["run_id"], tracking_uri, out, study)
     return "\n".join(rep.headline + [f"wrote {out / 'report.pdf'} ({len(rep.pages) + 1} pages) and {rep.count} "
                                       f"figures in {out / 'figures'}"])
+
+
+def _read_history(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise UserError(f"history file not found: {path} — pass the run's history.csv or drop --history")
+    try:
+        frame = pd.read_csv(path)
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not a CSV ({str(exc).strip().splitlines()[0][:120]}) — pass the run's history.csv") from None
+    missing = {"epoch", "train_loss"} - set(frame.columns)
+    if missing:
+        raise UserError(f"{path} lacks the column(s) {', '.join(sorted(missing))} — pass the run's history.csv")
+    return frame
 
 
 def _download_history(run_id: str, tracking_uri: str | None, out: Path) -> Path | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,24 @@ def cpu_has_bf16() -> bool:
     return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (a worker pinned to its share of the
+    cores, a container's cpuset), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def configure_threads(threads: int = 0) -> int:
+    """Intra-op threads for torch: `threads`, or with 0 one per usable CPU. Oversubscribing the
+    cores costs far more than it gains (2 threads beside another busy process: 535 -> 211 images/s)."""
+    n = threads if threads > 0 else usable_cpus()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device
@@ -38,10 +57,13 @@ class Runtime:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def describe(self) -> str:
-        return f"{self.device} {'bf16' if self.bf16 else 'fp32'}{' channels_last' if self.channels_last else ''}"
+        threads = f", {torch.get_num_threads()} threads" if self.device.type == "cpu" else ""
+        return f"{self.device} {'bf16' if self.bf16 else 'fp32'}{' channels_last' if self.channels_last else ''}{threads}"
 
 
-def resolve_runtime(device: str = "auto", precision: str = "auto", channels_last: bool = True) -> Runtime:
+def resolve_runtime(device: str = "auto", precision: str = "auto", channels_last: bool = True,
+                    threads: int = 0) -> Runtime:
+    configure_threads(threads)
     if device == "auto":
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -53,3 +75,8 @@ def resolve_runtime(device: str = "auto", precision: str = "auto", channels_last
     else:
         bf16 = precision == "bf16"
     return Runtime(dev, bf16, channels_last)
+
+
+def train_runtime(train) -> Runtime:
+    """The runtime a `TrainConfig` asks for (device, precision, memory format, threads)."""
+    return resolve_runtime(train.device, train.precision, train.channels_last, train.threads)

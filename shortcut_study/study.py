@@ -1,68 +1,70 @@
 """The Optuna study: search space, objective (one training run = one MLflow run), storage, best run.
 
-Several `sweep` processes pointed at one storage share the study (Optuna hands each a distinct
-trial). A killed sweep leaves its trial RUNNING; heartbeats mark it FAIL once its grace period is
-over, and the next sweep marks its MLflow run failed too.
+Several `sweep` processes pointed at one storage share the study: each draws from a sampler stream
+of its own, claims a trial only while the study holds fewer than `--n-trials` counted (complete,
+pruned or running) trials, and beats a heartbeat while it runs one (`trials.py`). A killed worker's
+trial is failed once its grace period is over, its MLflow run marked FAILED, and its parameters run
+again by the next free worker.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
-from .config import REPO_ROOT, Config, make_config, set_value
-from .errors import UserError, write_text_atomic
+from .config import SELECT_METRICS, Config, Param, make_config, set_value
+from .errors import UserError, require_writable
+from .server import normalize_db_url
 from .tracking import file_lock, init_tracking
+from .trials import ClaimLock, counted, fail_stale, heartbeat, storage_unreachable, worker_seed
 
 # Heartbeats and stale-trial failing are marked experimental but are Optuna's documented way.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
-STUDIES = REPO_ROOT / "studies"
+# Under the working directory, as Optuna's and MLflow's own defaults are.
+STUDIES = Path("studies")
 DEFAULT_STORAGE = f"sqlite:///{STUDIES / 'optuna.db'}"
-OBJECTIVES = {"val_acc": "val_acc", "worst_group": "val_worst_group_acc"}
+# The sweep's objectives are the model-selection criteria (`train.select`), by the same names.
+OBJECTIVES = {name: f"val_{metric}" for name, metric in SELECT_METRICS.items()}
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 
 
-@dataclass(frozen=True)
-class Dim:
-    """One searched config value: a float/int range (optionally log-scaled) or a set of choices."""
-
-    key: str
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    choices: tuple[Any, ...] = ()
-    integer: bool = False
-
-    def suggest(self, trial: optuna.Trial) -> Any:
-        if self.choices:
-            return trial.suggest_categorical(self.key, list(self.choices))
-        if self.integer:
-            return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log)
-        return trial.suggest_float(self.key, self.low, self.high, log=self.log)
+# The search space shared by every method: key -> Param (default from the config, search range
+# here). The chosen method's own hyperparameters (`method.*`, declared by its class) are added to
+# it: a conditional search space. Adding a dimension is one line.
+SEARCH_SPACE: dict[str, Param] = {
+    "train.lr": Param(0.1, low=0.02, high=0.4, log=True),
+    "train.weight_decay": Param(5e-4, low=5e-5, high=2e-3, log=True),
+    "train.schedule": Param("cosine", choices=("cosine", "onecycle", "step")),
+    "train.epochs": Param(10, low=6, high=14),
+    "augment.flip": Param("patch", choices=("none", "patch", "image", "both")),
+    "augment.erase_p": Param(0.0, low=0.0, high=0.5),
+    "augment.erase_scale_max": Param(0.2, low=0.05, high=0.33),
+    "augment.noise_sigma": Param(0.0, low=0.0, high=0.3),
+    "augment.digit_shuffle_p": Param(1.0, low=0.0, high=1.0),
+}
 
 
-# The search space: adding a dimension is one line.
-SEARCH_SPACE: tuple[Dim, ...] = (
-    Dim("train.lr", 0.02, 0.4, log=True),
-    Dim("train.weight_decay", 5e-5, 2e-3, log=True),
-    Dim("train.schedule", choices=("cosine", "onecycle", "step")),
-    Dim("train.epochs", 6, 14, integer=True),
-    Dim("augment.flip", choices=("none", "patch", "image", "both")),
-    Dim("augment.erase_p", 0.0, 0.5),
-    Dim("augment.erase_scale_max", 0.05, 0.33),
-    Dim("augment.noise_sigma", 0.0, 0.3),
-    Dim("augment.digit_shuffle_p", 0.0, 1.0),
-)
+def search_space(base: Config, opts: SweepOptions) -> dict[str, Param]:
+    """The dimensions this sweep searches: the shared table plus the method's own, less what the
+    user pinned with `--set` (or `--epochs`)."""
+    space = {**SEARCH_SPACE, **{f"method.{k}": p for k, p in base.method_params().items()}}
+    return {k: p for k, p in space.items() if not _pinned(opts, k)}
+
+
+def _pinned(opts: SweepOptions, key: str) -> bool:
+    """Set by the user for every trial (`--set KEY=…`, or `--epochs`): not searched."""
+    return key in {s.partition("=")[0].strip() for s in opts.sets} or (key == "train.epochs" and opts.epochs is not None)
 
 
 @dataclass
@@ -82,12 +84,13 @@ class SweepOptions:
     grace: int = 90
 
 
-def open_storage(url: str | None, heartbeat: int = 30, grace: int = 90) -> optuna.storages.BaseStorage:
+def open_storage(url: str | None) -> optuna.storages.BaseStorage:
     """An Optuna storage from a URL: any RDB URL (SQLite default) or a `.journal` file path."""
-    url = url or DEFAULT_STORAGE
+    url = normalize_db_url(url or DEFAULT_STORAGE)
     if url.endswith(".journal") and "://" not in url:
         from optuna.storages.journal import JournalFileBackend
 
+        require_writable(url)
         Path(url).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(url))
     scheme = url.split("://", 1)[0].split("+", 1)[0] if "://" in url else ""
@@ -101,27 +104,33 @@ def open_storage(url: str | None, heartbeat: int = 30, grace: int = 90) -> optun
         engine_kwargs = {"connect_args": {"timeout": 60}}  # wait for a busy writer, not "database is locked"
     else:
         engine_kwargs = {"pool_pre_ping": True}
-    try:
-        with file_lock(STUDIES / ".init.lock"):  # schema creation races between fresh workers
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
-                                              grace_period=grace)
-    except ImportError as exc:
-        raise UserError(f"storage {url}: database driver missing ({exc.name}) — install it, e.g. "
-                        "`uv add psycopg2-binary` for PostgreSQL") from None
-    except Exception as exc:  # sqlalchemy OperationalError / ArgumentError and friends
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"cannot reach storage {url}: {first[:200]} — start the database or fix --storage") from None
+    last: Exception | None = None
+    for attempt in range(6):  # fresh workers on several hosts race to create the schema
+        try:
+            with file_lock(STUDIES / ".init.lock"):  # ... and on one host, serialised here
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except ImportError as exc:
+            raise UserError(f"storage {url}: database driver missing ({exc.name}) — install it, e.g. "
+                            "`uv add psycopg2-binary` for PostgreSQL") from None
+        except Exception as exc:  # sqlalchemy OperationalError / IntegrityError / ArgumentError and friends
+            last = exc
+            if not any(word in str(exc) for word in ("UniqueViolation", "IntegrityError", "already exists")):
+                break
+            time.sleep(0.2 + random.random() * attempt)
+    first = (str(last).strip().splitlines() or [type(last).__name__])[0]
+    raise UserError(f"cannot reach storage {url}: {first[:200]} — start the database or fix --storage") from None
 
 
 def trial_config(trial: optuna.Trial, opts: SweepOptions) -> Config:
     cfg = make_config(sets=list(opts.sets))
-    for dim in SEARCH_SPACE:
-        if dim.key == "train.epochs" and opts.epochs is not None:
-            continue
-        set_value(cfg, dim.key, dim.suggest(trial))
+    for key, param in search_space(cfg, opts).items():
+        set_value(cfg, key, param.suggest(trial, key))
     if opts.epochs is not None:
         cfg.train.epochs = opts.epochs
     cfg.train.subset = opts.subset
+    if not _pinned(opts, "train.seed"):
+        cfg.train.seed = trial.number  # a training seed of its own per trial, logged with its params
+    cfg.train.select = opts.objective  # each epoch's model is selected by what the study maximises
     cfg.train.warmup_epochs = min(cfg.train.warmup_epochs, cfg.train.epochs)
     return cfg.validate()
 
@@ -130,33 +139,46 @@ def default_params(opts: SweepOptions) -> dict[str, Any]:
     """The untuned defaults as a first trial, so the sweep shows what tuning gained."""
     cfg = make_config(sets=list(opts.sets))
     flat = cfg.flat()
-    params = {d.key: flat[d.key] for d in SEARCH_SPACE if not (d.key == "train.epochs" and opts.epochs is not None)}
-    if "train.epochs" in params:
-        params["train.epochs"] = 10
-    return params
+    return {key: flat[key] if key != "train.epochs" else param.default
+            for key, param in search_space(cfg, opts).items()}
 
 
-def _objective(opts: SweepOptions, experiment_id: str):
+def _objective(opts: SweepOptions, experiment_id: str, claim: ClaimLock, outcome: dict[str, Any], parent: str):
     import mlflow
 
     from .data.layout import load_split
     from .evaluate import confusion, evaluate_split
-    from .model import load_model
-    from .runtime import resolve_runtime
-    from .tracking import device_tag, git_commit, log_confusion, log_epoch
+    from .run import Run
+    from .runtime import train_runtime
+    from .tracking import device_tag, git_commit, log_confusion, log_epoch, log_group_table
     from .train import fit
 
     metric = OBJECTIVES[opts.objective]
 
     def objective(trial: optuna.Trial) -> float:
+        outcome.clear()
+        with heartbeat(trial.study, trial._trial_id, opts.heartbeat):  # noqa: SLF001
+            claim.release()  # the trial exists and beats: the next worker may count and claim
+            try:
+                return run_trial(trial)
+            except optuna.TrialPruned:
+                raise
+            except Exception as exc:
+                outcome["error"] = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+                raise
+
+    def run_trial(trial: optuna.Trial) -> float:
         cfg = trial_config(trial, opts)
         run_dir = STUDIES / opts.study / f"trial-{trial.number:04d}"
-        with mlflow.start_run(experiment_id=experiment_id, run_name=f"trial-{trial.number}") as run:
+        tags = {"study": opts.study, "trial": str(trial.number), "git_commit": git_commit(), "device": device_tag(),
+                "objective": opts.objective}
+        # The tags go in with the run itself, so a worker killed at any moment leaves a run that
+        # `reconcile_failed_runs` can match to its trial.
+        with mlflow.start_run(experiment_id=experiment_id, run_name=f"trial-{trial.number}", tags=tags,
+                              parent_run_id=parent, nested=True) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             trial.set_user_attr("run_dir", str(run_dir))
-            mlflow.log_params(cfg.flat())
-            mlflow.set_tags({"study": opts.study, "trial": trial.number, "git_commit": git_commit(),
-                             "device": device_tag(), "objective": opts.objective})
+            mlflow.log_params({**cfg.flat(), "trial_number": trial.number})
 
             def on_epoch(epoch: int, record: dict[str, float]) -> None:
                 log_epoch(record)
@@ -177,89 +199,217 @@ def _objective(opts: SweepOptions, experiment_id: str):
                 mlflow.set_tags({"state": "FAILED", "error": str(exc)[:500]})
                 mlflow.end_run(status="FAILED")
                 raise
-            rt = resolve_runtime(cfg.train.device, cfg.train.precision, cfg.train.channels_last)
+            rt = train_runtime(cfg.train)
             val = load_split(opts.data, "val", cfg.geometry.canvas)
-            best_model = load_model(run_dir / "q1_model.pt", rt.device)
+            run_files = Run(run_dir)
+            best_model, _ = run_files.load(rt.device)
             _, preds = evaluate_split(best_model, val, rt, cfg.train.eval_batch_size, cfg.train.tta, cfg.geometry)
             log_confusion(confusion(preds, val.labels.numpy()), "val_confusion")
-            mlflow.log_artifact(str(run_dir / "q1_model.pt"))
-            mlflow.log_artifact(str(run_dir / "history.csv"))
+            log_group_table(preds, val.labels.numpy(), val.digits.numpy(), "val_groups.json")
+            mlflow.log_artifact(str(run_files.model_path))
+            mlflow.log_artifact(str(run_files.history_path))
             best = {f"best_val_{k}": v for k, v in result.best.items() if math.isfinite(v)}
-            mlflow.log_metrics({**best, "best_epoch": result.best_epoch, "train_seconds": result.train_seconds,
-                                "images_per_s": result.images_per_s})
+            # Summary metrics under their own names: the per-epoch keys hold each epoch's value.
+            mlflow.log_metrics({**best, "best_epoch": result.best_epoch, "total_train_seconds": result.train_seconds,
+                                "median_images_per_s": result.images_per_s})
             mlflow.set_tag("state", "COMPLETE")
             for key in ("acc", "conflicting_acc", "aligned_acc", "worst_group_acc"):
                 trial.set_user_attr(key, result.best.get(key, math.nan))
-            return float(result.best["acc"] if opts.objective == "val_acc" else result.best.get("worst_group_acc", math.nan))
+            return float(result.best.get(SELECT_METRICS[opts.objective], math.nan))
 
     return objective
 
 
 def _open_study(opts: SweepOptions, create: bool) -> optuna.Study:
-    storage = open_storage(opts.storage, opts.heartbeat, opts.grace)
-    if create:
-        with file_lock(STUDIES / ".init.lock"):
-            study = optuna.create_study(
-                study_name=opts.study, storage=storage, direction="maximize", load_if_exists=True,
-                sampler=optuna.samplers.TPESampler(seed=opts.seed, n_startup_trials=6),
-                pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=3))
-            if not study.user_attrs.get("objective"):
-                study.set_user_attr("objective", opts.objective)
-                study.enqueue_trial(default_params(opts), user_attrs={"default": True})
-    else:
+    storage = open_storage(opts.storage)
+    if not create:
         try:
-            study = optuna.load_study(study_name=opts.study, storage=storage)
+            return optuna.load_study(study_name=opts.study, storage=storage)
         except KeyError:
             raise UserError(f"no study {opts.study!r} in {opts.storage or DEFAULT_STORAGE} — run `make sweep` first") from None
+    sampler = optuna.samplers.TPESampler(seed=worker_seed(opts.seed), n_startup_trials=6, constant_liar=True)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=3)
+    try:
+        # Only the process that creates the study (a unique row in the database) sets it up: the
+        # untuned default is enqueued once however many workers start at the same moment.
+        study = optuna.create_study(study_name=opts.study, storage=storage, direction="maximize", sampler=sampler,
+                                    pruner=pruner)
+        study.set_user_attr("objective", opts.objective)
+        study.enqueue_trial(default_params(opts), user_attrs={"default": True})
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=opts.study, storage=storage, sampler=sampler, pruner=pruner)
     made_for = study.user_attrs.get("objective")
-    if create and made_for != opts.objective:
+    for _ in range(50):  # the creator may not have written it yet
+        if made_for is not None:
+            break
+        time.sleep(0.2)
+        made_for = optuna.load_study(study_name=opts.study, storage=storage).user_attrs.get("objective")
+    if made_for != opts.objective:
         raise UserError(f"study {opts.study!r} was created with objective {made_for!r}, not {opts.objective!r} — "
                         "use another --study name or the same --objective")
     return study
 
 
-def reconcile_failed_runs(study: optuna.Study) -> int:
-    """Mark the MLflow runs of trials Optuna has failed (killed sweeps) as FAILED, not RUNNING."""
+def study_parent_run(study: optuna.Study, experiment_id: str, opts: SweepOptions) -> str:
+    """The study's parent MLflow run (its settings; the best trial so far; the optimisation plots),
+    made once: by the first worker to set the study attribute, the others reading it."""
+    from mlflow.entities import Param as RunParam
     from mlflow.tracking import MlflowClient
 
+    client = MlflowClient()
+    run_id = study.user_attrs.get("mlflow_parent_run_id")
+    if run_id:
+        return run_id
+    run = client.create_run(experiment_id, run_name=f"study {opts.study}", tags={"study": opts.study, "role": "study"})
+    settings = {"n_trials": opts.n_trials, "objective": opts.objective, "subset": opts.subset,
+                "epochs": "searched" if opts.epochs is None else opts.epochs, "sets": " ".join(opts.sets) or "-",
+                "sampler": "TPE (constant liar, a seed per worker)", "pruner": "median (4 startup trials, 3 warm-up epochs)"}
+    client.log_batch(run.info.run_id, params=[RunParam(k, str(v)) for k, v in settings.items()])
+    client.set_terminated(run.info.run_id, status="FINISHED")
+    # Two workers may both get here at once: the first id written wins, the other run is deleted.
+    study.set_user_attr("mlflow_parent_run_id", study.user_attrs.get("mlflow_parent_run_id") or run.info.run_id)
+    winner = optuna.load_study(study_name=study.study_name, storage=study._storage).user_attrs["mlflow_parent_run_id"]  # noqa: SLF001
+    if winner != run.info.run_id:
+        client.delete_run(run.info.run_id)
+    return winner
+
+
+def update_parent_run(study: optuna.Study, parent: str, final: bool = False) -> None:
+    """The best trial so far on the parent run; with `final`, the history and importance plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        top = best_trial(study)
+    except UserError:
+        return
+    client.log_metric(parent, "best_value", top.value, step=len(study.trials))
+    client.set_tag(parent, "best_trial", str(top.number))
+    client.log_dict(parent, {"trial": top.number, "value": top.value, "params": top.params,
+                             "mlflow_run_id": top.user_attrs.get("mlflow_run_id")}, "best_trial.json")
+    if final:
+        ax = optuna.visualization.matplotlib.plot_optimization_history(study)
+        client.log_figure(parent, ax.figure, "optimization_history.png")
+        plt.close(ax.figure)
+        if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= 3:
+            try:
+                ax = optuna.visualization.matplotlib.plot_param_importances(study)
+                client.log_figure(parent, ax.figure, "param_importances.png")
+                plt.close(ax.figure)
+            except (RuntimeError, ValueError):
+                pass
+
+
+def reconcile_failed_runs(study: optuna.Study, experiment_id: str) -> int:
+    """End as FAILED the MLflow runs still RUNNING whose trial Optuna has failed (killed workers),
+    matched by the `trial` tag each run is created with."""
+    from mlflow.tracking import MlflowClient
+
+    failed = {str(t.number) for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    if not failed:
+        return 0
     client, fixed = MlflowClient(), 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        run_id = t.user_attrs.get("mlflow_run_id")
-        if not run_id:
-            continue
-        try:
-            if client.get_run(run_id).info.status == "RUNNING":
-                client.set_tag(run_id, "state", "FAILED")
-                client.set_terminated(run_id, status="FAILED")
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        if run.data.tags.get("study") == study.study_name and run.data.tags.get("trial") in failed:
+            try:
+                client.set_tag(run.info.run_id, "state", "FAILED")
+                client.set_terminated(run.info.run_id, status="FAILED")
                 fixed += 1
-        except Exception:
-            continue  # a run deleted by hand is not ours to fix
+            except Exception:
+                continue  # deleted by hand, or ended by another worker meanwhile
     return fixed
 
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+# A worker stops after this many failed trials in a row and reports the first error.
+MAX_FAILURES_IN_A_ROW = 3
+# Seconds a worker waits for a database that went away before it gives up.
+STORAGE_PATIENCE = 600
+
+
+def validate_sweep(opts: SweepOptions) -> None:
+    """Every option checked before any trial: a bad one is a one-line error, not N failed trials."""
+    if opts.objective not in OBJECTIVES:
+        raise UserError(f"unknown objective {opts.objective!r}: choose one of {', '.join(OBJECTIVES)}")
+    for name, value, low in (("--n-trials", opts.n_trials, 1), ("--heartbeat", opts.heartbeat, 1),
+                             ("--subset", opts.subset, 0)):
+        if value < low:
+            raise UserError(f"{name} must be >= {low} (got {value})")
+    if opts.grace <= opts.heartbeat:
+        raise UserError(f"--grace must exceed --heartbeat ({opts.grace} <= {opts.heartbeat}): a live trial "
+                        "would be failed between two heartbeats")
+    if opts.timeout is not None and opts.timeout < 0:
+        raise UserError(f"--timeout must be >= 0 seconds, 0 = none (got {opts.timeout})")
+    extra = [f"train.subset={opts.subset}"] + ([f"train.epochs={opts.epochs}"] if opts.epochs is not None else [])
+    make_config(sets=list(opts.sets) + extra)  # a bad --set, --epochs or --subset fails here
 
 
 def sweep(opts: SweepOptions) -> str:
-    """Run (or resume) the study until it holds `n_trials` finished trials or `timeout` passes."""
-    if opts.objective not in OBJECTIVES:
-        raise UserError(f"unknown objective {opts.objective!r}: choose one of {sorted(OBJECTIVES)}")
-    if opts.n_trials < 1:
-        raise UserError(f"--n-trials must be >= 1 (got {opts.n_trials})")
-    make_config(sets=list(opts.sets))  # fail fast on a bad --set
+    """Run (or resume) the study until it holds `n_trials` complete or pruned trials (failed ones
+    do not count and are run again) or `timeout` passes."""
+    validate_sweep(opts)
     from .data.layout import load_split
 
     load_split(opts.data, "val")  # fail fast on a missing dataset, before any trial
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = _open_study(opts, create=True)
     experiment_id = init_tracking(opts.tracking_uri, opts.study)
-    optuna.storages.fail_stale_trials(study)  # a no-op for storages without heartbeats
-    reconcile_failed_runs(study)
-    done = len(study.get_trials(deepcopy=False, states=FINISHED))
-    if done < opts.n_trials:
-        study.optimize(_objective(opts, experiment_id), timeout=opts.timeout, catch=(Exception,),
-                       callbacks=[MaxTrialsCallback(opts.n_trials, states=FINISHED), _print_trial],
-                       show_progress_bar=False)
+    parent = study_parent_run(study, experiment_id, opts)
+    pinned = sorted({s.partition("=")[0].strip() for s in opts.sets} & set(SEARCH_SPACE))
+    if pinned:
+        print(f"not searched (pinned by --set): {', '.join(pinned)}", flush=True)
+    claim = ClaimLock(opts.storage or DEFAULT_STORAGE, opts.study, getattr(study._storage, "engine", None))  # noqa: SLF001
+    outcome: dict[str, Any] = {}
+    objective = _objective(opts, experiment_id, claim, outcome, parent)
+    deadline = time.monotonic() + opts.timeout if opts.timeout else math.inf
+    errors: list[str] = []
+    in_a_row = 0
+    away_since: float | None = None
+    try:
+        while time.monotonic() < deadline:
+            try:
+                fail_stale(study, opts.grace)
+                reconcile_failed_runs(study, experiment_id)
+                claim.acquire()
+                if counted(study) >= opts.n_trials:
+                    claim.release()
+                    if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                        break
+                    time.sleep(min(opts.heartbeat, 5))  # others' trials: a silent one will be failed, then rerun
+                    continue
+                outcome.clear()
+                study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[_print_trial],
+                               show_progress_bar=False)
+                claim.release()
+                update_parent_run(study, parent)
+                away_since = None
+            except Exception as exc:
+                if not storage_unreachable(exc):
+                    raise
+                claim.reset()
+                away_since = away_since or time.monotonic()
+                if time.monotonic() - away_since > STORAGE_PATIENCE:
+                    raise UserError(f"storage {opts.storage or DEFAULT_STORAGE} unreachable for "
+                                    f"{STORAGE_PATIENCE} s — start the database and run the sweep again "
+                                    "(finished trials are kept)") from None
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+                print(f"storage unreachable ({first}): waiting for the storage, retrying in 5 s", flush=True)
+                time.sleep(5)
+                continue
+            if "error" in outcome:
+                errors.append(outcome["error"])
+                in_a_row += 1
+                if in_a_row >= MAX_FAILURES_IN_A_ROW:
+                    raise UserError(f"{in_a_row} trials failed in a row, the first with: {errors[-in_a_row][:300]}")
+            else:
+                in_a_row = 0
+    finally:
+        claim.close()
+    update_parent_run(study, parent, final=True)
     return summary(study)
 
 
@@ -281,7 +431,8 @@ def summary(study: optuna.Study) -> str:
     default = [t for t in complete if t.user_attrs.get("default")]
     if complete:
         best = best_trial(study)
-        lines.append(f"best trial {best.number}: {best.value:.2f} (conflicting {best.user_attrs.get('conflicting_acc', math.nan):.2f})")
+        lines.append(f"best trial {best.number}: {best.value:.2f} (conflicting "
+                     f"{best.user_attrs.get('conflicting_acc', math.nan):.2f})")
     if default:
         lines.append(f"untuned default (trial {default[0].number}): {default[0].value:.2f}")
     return "\n".join(lines)
@@ -303,8 +454,7 @@ def best(data: str | Path, study_name: str, storage: str | None, tracking_uri: s
 
     study = _open_study(SweepOptions(data=Path(data), study=study_name, storage=storage), create=False)
     trial = best_trial(study)
-    init_tracking(tracking_uri, study_name)
-    reconcile_failed_runs(study)
+    reconcile_failed_runs(study, init_tracking(tracking_uri, study_name))
     run_id = trial.user_attrs["mlflow_run_id"]
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
@@ -316,10 +466,11 @@ def best(data: str | Path, study_name: str, storage: str | None, tracking_uri: s
         from .data.layout import split_dir
 
         run = mlflow.get_run(run_id)
-        n = export_submission(local, Config.from_flat(run.data.params), split_dir(Path(data), "test"), out)
-    info = {"run_id": run_id, "trial": trial.number, "study": study_name, "value": trial.value,
-            "params": trial.params, "metrics": {k: v for k, v in run.data.metrics.items() if k.startswith("best_")}}
-    write_text_atomic(out / "best_run.json", json.dumps(info, indent=2, sort_keys=True) + "\n")
+        info = {"run_id": run_id, "trial": trial.number, "study": study_name, "value": trial.value,
+                "params": trial.params,
+                "metrics": {k: v for k, v in run.data.metrics.items() if k.startswith("best_")}}
+        n = export_submission(local, Config.from_flat(run.data.params), split_dir(Path(data), "test"), out,
+                              extra={"best_run.json": json.dumps(info, indent=2, sort_keys=True) + "\n"})
     lines = [f"best run {run_id} (trial {trial.number} of study {study_name}): objective {trial.value:.2f}"]
     lines += [f"  {k} = {v}" for k, v in sorted(trial.params.items())]
     lines += [f"  {k} = {v:.2f}" for k, v in sorted(info["metrics"].items())]

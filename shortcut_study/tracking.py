@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from .config import CIFAR_CLASSES, REPO_ROOT
+from .config import CIFAR_CLASSES
 from .errors import UserError
+from .server import normalize_db_url
 
-MLRUNS = REPO_ROOT / "mlruns"
+MLRUNS = Path("mlruns")  # under the working directory, as `mlflow` itself defaults
 DEFAULT_TRACKING_URI = f"sqlite:///{MLRUNS / 'mlflow.db'}"
 ARTIFACT_ROOT = MLRUNS / "artifacts"
 
@@ -48,19 +49,24 @@ def init_tracking(uri: str | None, experiment: str) -> str:
 
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    uri = uri or DEFAULT_TRACKING_URI
+    uri = normalize_db_url(uri or DEFAULT_TRACKING_URI)
     db = _sqlite_file(uri)
     if db is None and "://" not in uri:
         raise UserError(f"tracking URI {uri!r} has no scheme: use sqlite:///PATH.db, postgresql://… or http://…")
     lock = (db.parent if db else MLRUNS) / ".init.lock"
     if db:
         db.parent.mkdir(parents=True, exist_ok=True)
+    remote = uri.startswith(("http://", "https://"))
+    if remote:
+        _check_server(uri)
     mlflow.set_tracking_uri(uri)
     try:
         with file_lock(lock):
             exp = mlflow.get_experiment_by_name(experiment)
             if exp is not None:
                 return exp.experiment_id
+            if remote:  # the server's own artifact store (mlflow-artifacts:), readable from every machine
+                return mlflow.create_experiment(experiment)
             location = (ARTIFACT_ROOT / experiment).resolve().as_uri()
             return mlflow.create_experiment(experiment, artifact_location=location)
     except UserError:
@@ -70,9 +76,23 @@ def init_tracking(uri: str | None, experiment: str) -> str:
         raise UserError(f"cannot open the MLflow store {uri}: {msg[:200]} — check --tracking-uri") from None
 
 
+def _check_server(uri: str) -> None:
+    """A one-line error at once for a tracking server that does not answer (MLflow's client would
+    retry for minutes)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10):
+            return
+    except OSError as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(f"cannot reach the MLflow tracking server {uri}: {reason} — start it (`make server`) "
+                        "or fix --tracking-uri") from None
+
+
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
                               text=True, timeout=5).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -110,6 +130,25 @@ def log_confusion(cm: np.ndarray, name: str = "val_confusion") -> None:
     buf = io.StringIO()
     np.savetxt(buf, cm, fmt="%d", delimiter=",", header=",".join(CIFAR_CLASSES), comments="")
     mlflow.log_text(buf.getvalue(), f"{name}.csv")
+
+
+def log_group_table(preds: np.ndarray, labels: np.ndarray, digits: np.ndarray, name: str) -> None:
+    """Accuracy per (class x digit-aligned) group as an MLflow table beside the confusion matrix."""
+    import mlflow
+
+    if not (digits >= 0).all():
+        return
+    rows = {"class": [], "digit": [], "images": [], "accuracy": []}
+    aligned = digits == labels
+    for c, cls in enumerate(CIFAR_CLASSES):
+        for a in (True, False):
+            mask = (labels == c) & (aligned == a)
+            if mask.any():
+                rows["class"].append(cls)
+                rows["digit"].append("aligned" if a else "conflicting")
+                rows["images"].append(int(mask.sum()))
+                rows["accuracy"].append(float((preds[mask] == labels[mask]).mean() * 100))
+    mlflow.log_table(rows, name)
 
 
 def log_epoch(record: dict[str, Any]) -> None:

@@ -81,3 +81,29 @@ def trained_run(dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "tiny"
     assert main(["train", "--data", str(dataset), "--out", str(out), *TINY_TRAIN]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A real PostgreSQL cluster (Debian's package, installed by .ci/run) in a temporary folder on a
+    free loopback port, stopped at the end."""
+    from shortcut_study.errors import UserError
+    from shortcut_study.server import LocalPostgres, free_port, pg_bin
+
+    try:
+        pg_bin()
+    except UserError as exc:
+        pytest.skip(f"PostgreSQL tests skipped: {exc}")
+    pg = LocalPostgres(tmp_path_factory.mktemp("pg") / "data", free_port())
+    pg.init()
+    pg.start()
+    yield pg
+    pg.stop("immediate")
+
+
+@pytest.fixture
+def pg_db(postgres, request):
+    """A fresh database per test."""
+    import re
+
+    return postgres.create_db(re.sub(r"\W", "_", request.node.name.lower())[:60])

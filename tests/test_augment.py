@@ -80,7 +80,7 @@ def test_shift_patch_is_a_fixed_translate():
 
 
 def test_tta_views_leave_the_digit_in_place():
-    from shortcut_study.evaluate import TTA
+    from shortcut_study.registry import TTA
 
     x = normalize(_batch(4))
     assert [len(v) for v in TTA.values()] == [1, 2, 18]

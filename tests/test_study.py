@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from shortcut_study import train as train_module
@@ -34,7 +35,8 @@ def _opts(dataset, tmp_path, **kw) -> SweepOptions:
 
 def _runs(tmp_path, study="t"):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    return mlflow.search_runs(experiment_names=[study], output_format="list")
+    runs = mlflow.search_runs(experiment_names=[study], output_format="list")
+    return [r for r in runs if r.data.tags.get("role") != "study"]  # the trials' runs, not the study's parent
 
 
 def test_sweep_tracks_every_trial_resumes_and_exports_best(dataset, tmp_path, capsys):
@@ -82,34 +84,40 @@ def test_failing_trial_is_marked_failed_and_sweep_goes_on(dataset, tmp_path, mon
     opts = _opts(dataset, tmp_path)
     sweep(opts)
     states = [t.state for t in optuna.load_study(study_name="t", storage=opts.storage).trials]
-    assert states == [TrialState.FAIL, TrialState.COMPLETE]
+    assert states == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]  # a failed trial does not count
     statuses = sorted(r.info.status for r in _runs(tmp_path))
-    assert statuses == ["FAILED", "FINISHED"]
+    assert statuses == ["FAILED", "FINISHED", "FINISHED"]
 
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "shortcut_study.cli", *args]
 
 
-def test_two_concurrent_workers_share_one_sqlite_study(dataset, tmp_path):
-    storage, tracking = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
-    init_tracking(tracking, "t")  # create the databases once, before the workers start
-    open_storage(storage)
-    cmd = _cli("sweep", "--data", str(dataset), "--study", "t", "--n-trials", "4", "--epochs", "1", "--subset", "0",
+@pytest.mark.parametrize("backend", ["sqlite", "journal"])
+def test_three_workers_run_exactly_n_distinct_trials(dataset, tmp_path, backend):
+    storage = f"sqlite:///{tmp_path}/optuna.db" if backend == "sqlite" else str(tmp_path / "optuna.journal")
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    init_tracking(tracking, "t")  # create the MLflow database once, before the workers start
+    cmd = _cli("sweep", "--data", str(dataset), "--study", "t", "--n-trials", "5", "--epochs", "1", "--subset", "0",
                "--storage", storage, "--tracking-uri", tracking, *sum((["--set", s] for s in TINY), []))
-    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
     for p in procs:
-        _, err = p.communicate(timeout=400)
+        _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err
-    trials = optuna.load_study(study_name="t", storage=storage).trials
-    assert len(trials) >= 4 and all(t.state == TrialState.COMPLETE for t in trials)
+    trials = optuna.load_study(study_name="t", storage=open_storage(storage)).trials
+    assert len(trials) == 5 and all(t.state == TrialState.COMPLETE for t in trials)  # exactly N, none over
+    configs = {json.dumps(t.params, sort_keys=True) for t in trials}
+    assert len(configs) == 5  # distinct sampler streams: no worker repeats another's draw
+    assert len({t.user_attrs.get("default", False) for t in trials if t.user_attrs.get("default")}) == 1
     run_ids = [t.user_attrs["mlflow_run_id"] for t in trials]
     assert len(set(run_ids)) == len(trials)  # no trial run twice
     assert {r.info.run_id for r in _runs(tmp_path)} == set(run_ids)  # none lost
 
 
-def test_killed_sweep_resumes_and_marks_the_trial_failed(dataset, tmp_path):
-    storage, tracking = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
+@pytest.mark.parametrize("backend", ["sqlite", "journal"])
+def test_killed_sweep_resumes_and_marks_the_trial_failed(dataset, tmp_path, backend):
+    storage = f"sqlite:///{tmp_path}/optuna.db" if backend == "sqlite" else str(tmp_path / "optuna.journal")
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
     common = ["--data", str(dataset), "--study", "t", "--subset", "0", "--storage", storage,
               "--tracking-uri", tracking, "--heartbeat", "1", "--grace", "3", *sum((["--set", s] for s in TINY), [])]
     proc = subprocess.Popen(_cli("sweep", "--n-trials", "1", "--epochs", "400", *common), cwd=REPO,
@@ -119,7 +127,7 @@ def test_killed_sweep_resumes_and_marks_the_trial_failed(dataset, tmp_path):
         while time.time() < deadline:
             time.sleep(1)
             try:
-                trials = optuna.load_study(study_name="t", storage=storage).trials
+                trials = optuna.load_study(study_name="t", storage=open_storage(storage)).trials
             except Exception:
                 continue
             if trials and trials[0].state == TrialState.RUNNING and "mlflow_run_id" in trials[0].user_attrs:
@@ -129,12 +137,59 @@ def test_killed_sweep_resumes_and_marks_the_trial_failed(dataset, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    time.sleep(4)  # past the grace period
-    assert main(["sweep", "--n-trials", "2", "--epochs", "1", *common]) == 0
-    trials = optuna.load_study(study_name="t", storage=storage).trials
+    assert main(["sweep", "--n-trials", "2", "--epochs", "1", *common]) == 0  # waits out the grace period
+    trials = optuna.load_study(study_name="t", storage=open_storage(storage)).trials
     assert trials[0].state == TrialState.FAIL and trials[-1].state == TrialState.COMPLETE
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 2
+    # the killed trial's configuration ran again (once the grace period had passed)
+    assert any(t.params == trials[0].params and t.state == TrialState.COMPLETE for t in trials[1:])
     killed = mlflow.get_run(trials[0].user_attrs["mlflow_run_id"])
     assert killed.info.status == "FAILED"
+
+
+def test_trial_killed_at_start_or_before_its_run_id_is_stored_ends_failed(dataset, tmp_path):
+    """A worker killed right after creating its trial (no heartbeat yet), and one killed after
+    opening its MLflow run but before storing the run id on the trial: both FAIL / FAILED."""
+    opts = _opts(dataset, tmp_path, n_trials=2, heartbeat=1, grace=2)
+    sweep(_opts(dataset, tmp_path, n_trials=1))  # creates the study and the MLflow experiment
+    study = optuna.load_study(study_name="t", storage=opts.storage)
+    orphan = study.ask()  # RUNNING, never a heartbeat, as if killed at once
+    experiment = init_tracking(opts.tracking_uri, "t")
+    client = mlflow.MlflowClient()
+    run = client.create_run(experiment, tags={"study": "t", "trial": str(orphan.number)})
+    sweep(opts)
+    trials = optuna.load_study(study_name="t", storage=opts.storage).trials
+    assert trials[orphan.number].state == TrialState.FAIL
+    assert client.get_run(run.info.run_id).info.status == "FAILED"
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 2
+
+
+def test_a_study_of_failed_trials_completes_after_the_fix(dataset, tmp_path, capsys):
+    args = ["sweep", "--data", str(dataset), "--study", "t", "--n-trials", "2", "--epochs", "1", "--subset", "0",
+            "--storage", f"sqlite:///{tmp_path}/optuna.db", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+            *sum((["--set", s] for s in TINY), [])]
+    failing = [*args, "--set", "train.device=cuda:7"]  # no such device here: every trial fails
+    if not torch.cuda.is_available():
+        assert main(failing) == 2
+        err = capsys.readouterr().err
+        assert "trials failed in a row" in err and "cuda" in err and len(err.strip().splitlines()) == 1
+    assert main(args) == 0
+    trials = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path}/optuna.db").trials
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 2
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--subset", "-5", "--subset must be >= 0"), ("--epochs", "0", "train.epochs"),
+    ("--timeout", "-1", "--timeout must be >= 0"), ("--heartbeat", "0", "--heartbeat must be >= 1"),
+    ("--set", "train.device=cudaXYZ", "train.device"), ("--objective", "best", "unknown objective"),
+])
+def test_bad_sweep_options_exit_2_before_any_trial(dataset, tmp_path, capsys, flag, value, message):
+    db = tmp_path / "optuna.db"
+    assert main(["sweep", "--data", str(dataset), "--study", "t", "--storage", f"sqlite:///{db}",
+                 "--tracking-uri", f"sqlite:///{tmp_path}/m.db", flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not db.exists()
 
 
 def test_bad_storage_and_missing_study(dataset, tmp_path, capsys):
@@ -151,3 +206,36 @@ def test_study_objective_mismatch(dataset, tmp_path):
     sweep(_opts(dataset, tmp_path, n_trials=1))
     with pytest.raises(UserError, match="created with objective"):
         sweep(_opts(dataset, tmp_path, n_trials=1, objective="worst_group"))
+
+
+def test_mlflow_conventions_for_tuning(dataset, tmp_path):
+    """One parent run per study with its settings and best trial; each trial a nested child run
+    named by its number, with `trial_number` as a parameter and a per-group accuracy table."""
+    opts = _opts(dataset, tmp_path, n_trials=3)
+    sweep(opts)
+    mlflow.set_tracking_uri(opts.tracking_uri)
+    runs = mlflow.search_runs(experiment_names=["t"], output_format="list")
+    parents = [r for r in runs if r.data.tags.get("role") == "study"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.data.params["n_trials"] == "3" and "best_value" in parent.data.metrics
+    client = mlflow.MlflowClient()
+    names = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"best_trial.json", "optimization_history.png", "param_importances.png"} <= names
+    children = [r for r in runs if r.data.tags.get("role") != "study"]
+    assert len(children) == 3
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.run_name == f"trial-{child.data.params['trial_number']}"
+        assert "val_groups.json" in {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert "total_train_seconds" in child.data.metrics and "median_images_per_s" in child.data.metrics
+
+
+def test_workers_flag_runs_pinned_processes_on_one_study(dataset, tmp_path):
+    storage, tracking = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
+    init_tracking(tracking, "t")
+    assert main(["sweep", "--data", str(dataset), "--study", "t", "--n-trials", "3", "--epochs", "1", "--subset",
+                 "0", "--storage", storage, "--tracking-uri", tracking, "--workers", "2",
+                 *sum((["--set", s] for s in TINY), [])]) == 0
+    trials = optuna.load_study(study_name="t", storage=storage).trials
+    assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)

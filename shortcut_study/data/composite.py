@@ -23,7 +23,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from ..config import CIFAR_CLASSES, NORM_MEAN, NORM_STD, BuildConfig, GeometryConfig
-from ..errors import UserError
+from ..errors import UserError, require_writable
 from .layout import METADATA, TEST_LABELS, write_cache
 from .sources import CIFAR, MNIST, SourceSplit, load_source
 
@@ -159,7 +159,7 @@ def build_dataset(cifar_src: str | Path, mnist_src: str | Path, out: str | Path,
     """Build the composite dataset into `out` (atomically) and return the summary table."""
     build.validate()
     geom.validate()
-    out = Path(out)
+    out = require_writable(out, "folder")
     if out.exists() and not _looks_built(out):
         raise UserError(f"{out} exists and is not a shortcut-study dataset — choose another --out")
     cifar = load_source(cifar_src, CIFAR, download)

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..batch import group_ids
 from ..config import CIFAR_CLASSES
 from ..errors import UserError, atomic_path, require_dir
 from .sources import CIFAR, class_index
@@ -50,8 +51,22 @@ class SplitData:
     def has_digits(self) -> bool:
         return bool((self.digits >= 0).all()) and len(self) > 0
 
+    @property
+    def groups(self) -> torch.Tensor:
+        """(class, digit-aligned) group of each image, -1 where the digit is unknown."""
+        return group_ids(self.labels, self.digits)
+
     def subset(self, n: int) -> SplitData:
         return SplitData(self.images[:n], self.labels[:n], self.digits[:n], self.files[:n])
+
+    def take(self, index: torch.Tensor) -> SplitData:
+        """The images at `index` (a tensor of positions), in that order."""
+        cpu = index.cpu()
+        return SplitData(self.images[index.to(self.images.device)], self.labels[index.to(self.labels.device)],
+                         self.digits[index.to(self.digits.device)], [self.files[i] for i in cpu.tolist()])
+
+    def to(self, device: torch.device) -> SplitData:
+        return SplitData(self.images.to(device), self.labels.to(device), self.digits.to(device), self.files)
 
 
 def split_dir(root: Path, split: str) -> Path:
@@ -111,9 +126,11 @@ def read_images(root: Path, rel_paths: list[str], size: int | None) -> np.ndarra
 
 
 def _fingerprint(root: Path, entries: list[tuple[str, int]]) -> str:
+    """Names, labels, sizes and modification times: a PNG rewritten in place changes it."""
     h = hashlib.sha256()
     for rel, label in entries:
-        h.update(f"{rel}\0{label}\0{(root / rel).stat().st_size}\n".encode())
+        st = (root / rel).stat()
+        h.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -145,15 +162,36 @@ def _read_cache(root: Path, split: str, entries: list[tuple[str, int]]) -> np.nd
         return None  # a stale or damaged cache is rebuilt, never trusted
 
 
+def read_table(path: Path, columns: dict[str, int], fix: str) -> pd.DataFrame:
+    """A CSV with string `file` and integer columns in 0..`columns[name]`-1, one row per file:
+    a one-line error naming the file, the row and the fix for anything else."""
+    try:
+        df = pd.read_csv(path, usecols=["file", *columns], dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        first = (str(exc).strip().splitlines() or ["unreadable"])[0][:150]
+        raise UserError(f"{path} is malformed ({first}) — {fix}") from None
+    for name, bound in columns.items():
+        text = df[name].str.strip()
+        ok = text.str.fullmatch(r"\d+")
+        values = pd.to_numeric(text.where(ok), errors="coerce")
+        bad = ~ok | (values >= bound)
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise UserError(f"{path}: row {row + 2} has {name} {df[name].iloc[row]!r}, not an integer in "
+                            f"0..{bound - 1} — {fix}")
+        df[name] = values.astype(np.int64)
+    dup = df["file"].duplicated()
+    if dup.any():
+        raise UserError(f"{path}: {df['file'][dup].iloc[0]} is listed twice — one row per image; {fix}")
+    return df
+
+
 def read_digits(root: Path, rel_paths: list[str]) -> np.ndarray:
     meta = root / METADATA
     if not meta.is_file():
         return np.full(len(rel_paths), -1, dtype=np.int64)
-    try:
-        df = pd.read_csv(meta, usecols=["file", "digit"])
-    except (ValueError, pd.errors.ParserError) as exc:
-        raise UserError(f"{meta} is malformed ({exc}) — rebuild it with `shortcut-study data annotate`") from None
-    digit_of = dict(zip(df["file"], df["digit"].astype(np.int64)))
+    df = read_table(meta, {"digit": 10}, f"rebuild it with `shortcut-study data annotate {root} --force`")
+    digit_of = dict(zip(df["file"], df["digit"]))
     return np.asarray([digit_of.get(r, -1) for r in rel_paths], dtype=np.int64)
 
 
@@ -161,8 +199,8 @@ def read_test_labels(root: Path, rel_paths: list[str]) -> np.ndarray:
     path = root / TEST_LABELS
     if not path.is_file():
         return np.full(len(rel_paths), -1, dtype=np.int64)
-    df = pd.read_csv(path, usecols=["file", "label"])
-    label_of = dict(zip(df["file"], df["label"].astype(np.int64)))
+    df = read_table(path, {"label": 10}, "fix it or rebuild the dataset")
+    label_of = dict(zip(df["file"], df["label"]))
     return np.asarray([label_of.get(Path(r).name, -1) for r in rel_paths], dtype=np.int64)
 
 

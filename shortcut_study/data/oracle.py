@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import GeometryConfig
-from ..errors import UserError, atomic_path, require_file
+from ..errors import UserError, atomic_path, require_file, require_writable
 from .composite import METADATA_COLUMNS, compose
 from .layout import METADATA, SPLITS, load_split
 from .sources import MNIST, load_source
@@ -61,6 +61,9 @@ def oracle_predict(model: DigitOracle, patches: torch.Tensor, batch: int = 4096)
 def train_oracle(mnist_src: str | Path, out: str | Path, epochs: int = 3, seed: int = 0,
                  geom: GeometryConfig | None = None) -> str:
     """Train the oracle on MNIST train (with ±1 px jitter), report MNIST-test accuracy, save weights."""
+    if epochs < 1:
+        raise UserError(f"--epochs must be >= 1 (got {epochs}): an untrained oracle reads digits at chance")
+    require_writable(out)
     geom = geom or GeometryConfig()
     torch.manual_seed(seed)
     mnist = load_source(mnist_src, MNIST)

@@ -1,0 +1,173 @@
+"""For a team: a PostgreSQL database for the Optuna storage and an MLflow tracking server with
+proxied artifacts, started (and stopped) together; and the URL rules both use.
+
+PostgreSQL comes from Debian's `postgresql` package (`/usr/lib/postgresql/N/bin`); the cluster is
+`initdb`-ed into a folder (default `studies/postgres`) and listens on loopback unless told
+otherwise. The URLs it prints are what workers pass as `--storage` and `--tracking-uri`.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+# SQLAlchemy maps a bare postgresql:// to the psycopg (3) driver, which is not installed; the
+# locked driver is psycopg2 (psycopg2-binary), chosen here for every PostgreSQL URL.
+PG_DRIVER = "psycopg2"
+INSTALL_HINT = "install Debian's PostgreSQL (`apt-get install -y postgresql`) or point at an existing server"
+
+
+def normalize_db_url(url: str) -> str:
+    """`postgresql://…` (as users type it) -> `postgresql+psycopg2://…`; other URLs unchanged."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return f"postgresql+{PG_DRIVER}://" + url[len(prefix):]
+    return url
+
+
+def pg_bin() -> Path:
+    """The newest installed PostgreSQL's binaries folder."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    if not found:
+        env = shutil.which("initdb")
+        if env:
+            return Path(env).parent
+        raise UserError(f"PostgreSQL binaries not found: {INSTALL_HINT}")
+    return found[-1].parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: run its tools as the `postgres` user then."""
+    if os.geteuid() != 0:
+        return cmd
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        raise UserError("running as root and there is no `postgres` user to run PostgreSQL as — "
+                        f"{INSTALL_HINT}") from None
+    return ["runuser", "-u", "postgres", "--", *cmd]
+
+
+@dataclass
+class LocalPostgres:
+    """A PostgreSQL cluster in `datadir`, on `host:port`, trust-authenticated user `postgres`."""
+
+    datadir: Path
+    port: int
+    host: str = "127.0.0.1"
+
+    def _run(self, *cmd: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(_as_postgres([str(pg_bin() / cmd[0]), *cmd[1:]]), capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["failed"])[-1]
+            raise UserError(f"PostgreSQL {cmd[0]} in {self.datadir} failed: {last}")
+        return proc
+
+    def init(self) -> None:
+        if (self.datadir / "PG_VERSION").is_file():
+            return
+        self.datadir.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.datadir, pw.pw_uid, pw.pw_gid)
+            # the postgres user must be able to reach the folder
+            for parent in self.datadir.resolve().parents:
+                if parent.stat().st_mode & 0o001 == 0 and parent != Path("/"):
+                    os.chmod(parent, parent.stat().st_mode | 0o001)
+        self._run("initdb", "-D", str(self.datadir), "-U", "postgres", "-A", "trust", "--no-sync")
+
+    def start(self, timeout: float = 30) -> None:
+        opts = f"-p {self.port} -c listen_addresses={self.host} -k {self.datadir}"
+        self._run("pg_ctl", "-D", str(self.datadir), "-o", opts, "-l", str(self.datadir / "server.log"),
+                  "-w", "-t", str(int(timeout)), "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        if (self.datadir / "postmaster.pid").is_file():
+            self._run("pg_ctl", "-D", str(self.datadir), "-m", mode, "-w", "stop")
+
+    def url(self, db: str = "postgres") -> str:
+        return f"postgresql://postgres@{self.host}:{self.port}/{db}"
+
+    def create_db(self, name: str) -> str:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(normalize_db_url(self.url()), isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            exists = conn.execute(sqlalchemy.text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).first()
+            if not exists:
+                conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+        engine.dispose()
+        return self.url(name)
+
+
+def wait_for_http(url: str, timeout: float = 60, proc: subprocess.Popen | None = None) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise UserError(f"the MLflow server exited with code {proc.returncode} before answering at {url}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise UserError(f"the MLflow server did not answer at {url} within {timeout:.0f} s")
+
+
+def start_mlflow_server(backend_url: str, artifacts: Path, host: str, port: int,
+                        log: Path | None = None) -> subprocess.Popen:
+    artifacts.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", normalize_db_url(backend_url),
+           "--artifacts-destination", str(artifacts.resolve()), "--serve-artifacts", "--host", host,
+           "--port", str(port), "--workers", "1"]
+    out = open(log, "a") if log else subprocess.DEVNULL
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def serve(root: Path = Path("studies"), host: str = "127.0.0.1", pg_port: int = 55432,
+          mlflow_port: int = 5000) -> None:
+    """Start PostgreSQL and the MLflow server, print the two URLs, stop both on Ctrl-C."""
+    pg = LocalPostgres(root / "postgres", pg_port, host)
+    pg.init()
+    pg.start()
+    server = None
+    try:
+        storage = pg.create_db("optuna")
+        backend = pg.create_db("mlflow")
+        server = start_mlflow_server(backend, root / "mlflow-artifacts", host, mlflow_port, log=root / "mlflow-server.log")
+        tracking = f"http://{host}:{mlflow_port}"
+        wait_for_http(tracking, proc=server)
+        print(f"Optuna storage:  --storage {storage}")
+        print(f"MLflow tracking: --tracking-uri {tracking}   (UI: {tracking})")
+        print("workers: make sweep STORAGE=<storage> TRACKING_URI=<tracking> [WORKERS=N]; Ctrl-C stops both",
+              flush=True)
+        while server.poll() is None:
+            time.sleep(1)
+        raise UserError(f"the MLflow server stopped (code {server.returncode}); see {root / 'mlflow-server.log'}")
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    finally:
+        if server is not None and server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+        pg.stop()

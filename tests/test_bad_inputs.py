@@ -1,0 +1,225 @@
+"""Bad input, table-driven: every case exits 2 with exactly one `error:` line on stderr, no
+traceback, and leaves every file as it was. One or more cases per class of failure (issue 16)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from shortcut_study.cli import main
+from shortcut_study.model import CNN, plain_state_dict
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file() and "cache" not in p.parts}
+
+
+@pytest.fixture
+def world(dataset, trained_run, tmp_path) -> dict[str, Path]:
+    """A private copy of the dataset and the run, and a file to put paths under."""
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(dataset, data)
+    shutil.copytree(trained_run, run)
+    (tmp_path / "afile").write_text("x")
+    preds = tmp_path / "preds.txt"
+    assert main(["predict", "--checkpoint", str(run / "q1_model.pt"), "--images", str(data / "test_unlabeled"),
+                 "--out", str(preds)]) == 0
+    return {"root": tmp_path, "data": data, "run": run, "afile": tmp_path / "afile", "preds": preds}
+
+
+def _edit_csv(path: Path, column: str, value: str, row: int = 0) -> None:
+    import pandas as pd
+
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    df.loc[row, column] = value
+    df.to_csv(path, index=False)
+
+
+def _malicious(marker: Path) -> object:
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    return Payload()
+
+
+# Each case: (id, setup(world) -> argv, fragment the one error line must hold)
+Case = tuple[str, Callable[[dict[str, Path]], list[str]], str]
+
+
+def _oracle_crafted(w):
+    torch.save({"x": _malicious(w["root"] / "pwned")}, w["root"] / "oracle.pt")
+    (w["data"] / "metadata.csv").unlink()
+    return ["data", "annotate", str(w["data"]), "--oracle", str(w["root"] / "oracle.pt")]
+
+
+def _digit(value):
+    def setup(w):
+        _edit_csv(w["data"] / "metadata.csv", "digit", value)
+        return ["train", "--data", str(w["data"]), "--out", str(w["root"] / "new"), "--epochs", "1"]
+    return setup
+
+
+def _label(value):
+    def setup(w):
+        _edit_csv(w["data"] / "test_labels.csv", "label", value)
+        return ["evaluate", "--predictions", str(w["preds"]), "--labels", str(w["data"] / "test_labels.csv")]
+    return setup
+
+
+def _labels_missing_column(w):
+    (w["root"] / "labels.csv").write_text("file,klass\nimg_0.png,1\n")
+    return ["evaluate", "--predictions", str(w["preds"]), "--labels", str(w["root"] / "labels.csv")]
+
+
+def _labels_duplicate_row(w):
+    path = w["data"] / "test_labels.csv"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines + [lines[1]]) + "\n")
+    return ["evaluate", "--predictions", str(w["preds"]), "--labels", str(path)]
+
+
+def _preds_not_utf8(w):
+    w["preds"].write_bytes(b"img_0.png,\xff\xfe\n")
+    return ["evaluate", "--predictions", str(w["preds"]), "--labels", str(w["data"] / "test_labels.csv")]
+
+
+def _last(content):
+    def setup(w):
+        torch.save(content(w), w["run"] / "last.pt")
+        return ["train", "--data", str(w["data"]), "--out", str(w["run"]), "--resume"]
+    return setup
+
+
+def _nan_checkpoint(w):
+    state = plain_state_dict(CNN())
+    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(state, w["root"] / "nan.pt")
+    return ["predict", "--checkpoint", str(w["root"] / "nan.pt"), "--images", str(w["data"] / "test_unlabeled"),
+            "--out", str(w["root"] / "p.txt")]
+
+
+def _image_named(name: bytes):
+    def setup(w):
+        images = w["root"] / "imgs"
+        shutil.copytree(w["data"] / "test_unlabeled", images)
+        Image.new("RGB", (40, 40)).save(os.fsdecode(bytes(images) + b"/" + name))
+        return ["predict", "--checkpoint", str(w["run"] / "q1_model.pt"), "--images", str(images),
+                "--out", str(w["root"] / "p.txt")]
+    return setup
+
+
+def _bad_tta_beside_checkpoint(w):
+    tree = json.loads((w["run"] / "config.json").read_text())
+    tree["train"]["tta"] = "sideways"
+    tree.pop("_model_sha256", None)
+    (w["run"] / "config.json").write_text(json.dumps(tree))
+    return ["predict", "--checkpoint", str(w["run"] / "q1_model.pt"), "--images", str(w["data"] / "test_unlabeled"),
+            "--out", str(w["root"] / "p.txt")]
+
+
+def _garbage_archive(w):
+    (w["root"] / "junk.tar.gz").write_bytes(b"\x1f\x8b\x08\x00garbage" * 50)
+    return ["data", "build", "--cifar", str(w["root"] / "junk.tar.gz"), "--mnist", str(w["root"] / "junk.tar.gz"),
+            "--out", str(w["root"] / "built")]
+
+
+def _report(extra, history=None):
+    def setup(w):
+        if history is not None:
+            (w["root"] / "h.csv").write_text(history)
+            extra.extend(["--history", str(w["root"] / "h.csv")])
+        return ["report", "--checkpoint", str(w["run"] / "q1_model.pt"), "--data", str(w["data"]),
+                "--out", str(w["root"] / "results"), "--study", "", *extra]
+    return setup
+
+
+CASES: list[Case] = [
+    # 1. no code runs from a checkpoint
+    ("crafted oracle", _oracle_crafted, "digit oracle"),
+    ("crafted last.pt", _last(lambda w: {"model": _malicious(w["root"] / "pwned")}), "cannot resume"),
+    # 2. one line instead of a traceback
+    ("build --out under a file", lambda w: ["data", "build", "--cifar", "x", "--mnist", "y", "--out",
+                                            str(w["afile"] / "sub")], "is a file"),
+    ("train --out is a file", lambda w: ["train", "--data", str(w["data"]), "--out", str(w["afile"])], "is a file"),
+    ("predict --out is a folder", lambda w: ["predict", "--checkpoint", str(w["run"] / "q1_model.pt"), "--images",
+                                             str(w["data"] / "test_unlabeled"), "--out", str(w["data"])], "is a folder"),
+    ("oracle --out under a file", lambda w: ["data", "oracle", "--mnist", "x", "--out", str(w["afile"] / "o.pt")],
+     "is a file"),
+    ("bench --md under a file", lambda w: ["bench", "--data", str(w["data"]), "--quick", "--md",
+                                           str(w["afile"] / "b.md")], "is a file"),
+    ("journal under a file", lambda w: ["sweep", "--data", str(w["data"]), "--storage", str(w["afile"] / "s.journal"),
+                                        "--tracking-uri", f"sqlite:///{w['root']}/m.db"], "is a file"),
+    ("metadata digit not an integer", _digit("seven"), "digit 'seven'"),
+    ("metadata digit empty", _digit(""), "digit ''"),
+    ("labels missing columns", _labels_missing_column, "needs columns file,label"),
+    ("label not an integer", _label("cat"), "label 'cat'"),
+    ("predictions not UTF-8", _preds_not_utf8, "not UTF-8"),
+    ("last.pt a plain state_dict", _last(lambda w: plain_state_dict(CNN())), "not a shortcut-study training state"),
+    ("device cudaXYZ", lambda w: ["train", "--data", str(w["data"]), "--out", str(w["root"] / "new"), "--set",
+                                 "train.device=cudaXYZ"], "train.device"),
+    ("image name not UTF-8", _image_named(b"img_\xff.png"), "rename it"),
+    # 3. outputs are written as one unit or not at all
+    ("report bad --layers", _report(["--layers", "conv9"]), "--layers"),
+    ("report history without epochs", _report([], history="a,b\n1,2\n"), "lacks the column"),
+    # 5. bad input that used to be accepted
+    ("oracle --epochs 0", lambda w: ["data", "oracle", "--mnist", "x", "--out", str(w["root"] / "o.pt"),
+                                     "--epochs", "0"], "--epochs must be >= 1"),
+    ("metadata digit 42", _digit("42"), "digit '42'"),
+    ("all-NaN checkpoint", _nan_checkpoint, "NaN"),
+    ("labels duplicated row", _labels_duplicate_row, "listed twice"),
+    ("label 12", _label("12"), "label '12'"),
+    ("label empty", _label(""), "label ''"),
+    ("image name with a comma", _image_named(b"img,5.png"), "comma"),
+    ("bench --steps 0", lambda w: ["bench", "--data", str(w["data"]), "--quick", "--steps", "0"], "--steps"),
+    ("bench --steps -1", lambda w: ["bench", "--data", str(w["data"]), "--quick", "--steps", "-1"], "--steps"),
+    # 6. messages that name the right thing, on one line
+    ("digit_size 100", lambda w: ["train", "--data", str(w["data"]), "--out", str(w["root"] / "new"), "--set",
+                                  "geometry.digit_size=100"], "geometry.digit_size"),
+    ("noise sigma inf", lambda w: ["train", "--data", str(w["data"]), "--out", str(w["root"] / "new"), "--set",
+                                   "augment.noise_sigma=inf"], "augment.noise_sigma"),
+    ("predict --canvas 0", lambda w: ["predict", "--checkpoint", str(w["run"] / "q1_model.pt"), "--images",
+                                      str(w["data"] / "test_unlabeled"), "--out", str(w["root"] / "p.txt"),
+                                      "--canvas", "0"], "--canvas"),
+    ("bad tta in the run's config.json", _bad_tta_beside_checkpoint, "config.json"),
+    ("garbage archive", _garbage_archive, "truncated or corrupt"),
+    ("argparse error", lambda w: ["train", "--data", str(w["data"])], "--out"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_changes_nothing(case, world, capsys):
+    _, setup, fragment = case
+    argv = setup(world)
+    before = _snapshot(world["root"])
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error:") and len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and fragment in err, err
+    assert _snapshot(world["root"]) == before  # nothing created or changed
+    assert not (world["root"] / "pwned").exists()
+
+
+def test_good_variants_of_bad_looking_input_work(world, capsys):
+    """A byte-order mark and spaces around the comma are read; a PNG changed in place at the same
+    size is noticed by the cache."""
+    text = world["preds"].read_text()
+    world["preds"].write_text("\ufeff" + text.replace(",", " , "))
+    assert main(["evaluate", "--predictions", str(world["preds"]), "--labels",
+                 str(world["data"] / "test_labels.csv")]) == 0
+    from shortcut_study.data import load_split
+
+    before = load_split(world["data"], "val")
+    first = world["data"] / before.files[0]
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(first)
+    after = load_split(world["data"], "val")
+    assert not torch.equal(after.images[0], before.images[0])

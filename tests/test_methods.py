@@ -1,0 +1,248 @@
+"""The method harness: every registered method trains, resumes and round-trips its state; group
+methods refuse data without digit labels; runs carry their own geometry; config stays a leaf."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from shortcut_study.cli import main
+from shortcut_study.config import make_config
+from shortcut_study.errors import UserError
+from shortcut_study.registry import METHODS
+from shortcut_study.run import Run
+from shortcut_study.train import fit
+
+from .conftest import TINY_BUILD
+
+TINY = ["train.batch_size=32", "train.eval_batch_size=64", "augment.digit_shuffle_p=0"]
+# Per-method settings that keep a two-epoch test run meaningful (JTT: a 1-epoch first stage).
+EXTRA = {"jtt": ["method.identify_epochs=1"]}
+
+
+def _sets(name: str, epochs: int) -> list[str]:
+    return [*TINY, f"train.epochs={epochs}", f"train.method={name}", *EXTRA.get(name, [])]
+
+
+class Stop(Exception):
+    pass
+
+
+def _stop_after(n: int):
+    def on_epoch(epoch, record):
+        if epoch == n:
+            raise Stop
+
+    return on_epoch
+
+
+@pytest.mark.parametrize("name", ["erm", "reweight", "resample", "groupdro", "jtt", "lff", "dfr"])
+def test_method_trains_resumes_and_round_trips_its_state(name, dataset, tmp_path):
+    assert name in METHODS
+    out = tmp_path / name
+    with pytest.raises(Stop):
+        fit(make_config(sets=_sets(name, 2)), dataset, out, on_epoch=_stop_after(1), quiet=True)
+    state = Run(out).load_last()  # weights_only: the method's state is plain tensors and numbers
+    assert state["method"]["name"] == name and state["epoch"] == 1
+    result = fit(make_config(sets=_sets(name, 2)), dataset, out, resume=True, quiet=True)
+    assert [h["epoch"] for h in result.history] == [1, 2] and 0 <= result.best["acc"] <= 100
+    # the state saved after the resumed epoch loads into a fresh method of the same kind
+    saved = Run(out).load_last()["method"]["state"]
+    from shortcut_study.train import build_trainer, load_data
+    from shortcut_study.runtime import resolve_runtime
+
+    cfg = make_config(sets=_sets(name, 2))
+    rt = resolve_runtime("cpu")
+    train, _ = load_data(cfg, dataset, rt)
+    fresh = build_trainer(cfg, train, rt, dataset).method
+    fresh.load_state_dict(saved)
+    again = fresh.state_dict()
+    assert again.keys() == saved.keys()
+    for key, value in saved.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(again[key], value), key
+    # q1_model.pt stays a plain state_dict of the course's CNN
+    from shortcut_study.model import CNN
+
+    CNN().load_state_dict(torch.load(out / "q1_model.pt", weights_only=True))
+
+
+def test_groupdro_weights_move_towards_the_worst_group(dataset, tmp_path):
+    out = tmp_path / "gdro"
+    fit(make_config(sets=_sets("groupdro", 1) + ["method.eta=0.5"]), dataset, out, quiet=True)
+    q = Run(out).load_last()["method"]["state"]["q"]
+    assert abs(float(q.sum()) - 1) < 1e-5 and float(q.max()) > 1.5 / 20  # no longer uniform
+
+
+def test_jtt_finds_an_error_set_and_dfr_refits_the_last_layer(dataset, tmp_path):
+    fit(make_config(sets=_sets("jtt", 1)), dataset, tmp_path / "jtt", quiet=True)
+    errors = Run(tmp_path / "jtt").load_last()["method"]["state"]["errors"]
+    assert errors.dtype == torch.bool and len(errors) == 120
+    erm = fit(make_config(sets=_sets("erm", 1)), dataset, tmp_path / "erm", quiet=True)
+    dfr = fit(make_config(sets=_sets("dfr", 1)), dataset, tmp_path / "dfr", quiet=True)
+    a = torch.load(tmp_path / "erm" / "q1_model.pt", weights_only=True)
+    b = torch.load(tmp_path / "dfr" / "q1_model.pt", weights_only=True)
+    assert torch.equal(a["conv1.weight"], b["conv1.weight"])  # same seed, same ERM features
+    assert not torch.equal(a["fc.weight"], b["fc.weight"])  # the last layer was refit
+    assert erm.best_epoch == 1 and 0 <= dfr.best["acc"] <= 100
+
+
+def test_method_hyperparameters_are_config_and_searched():
+    cfg = make_config(sets=["train.method=groupdro", "method.eta=0.05"])
+    assert cfg.flat()["method.eta"] == 0.05 and cfg.flat()["method.adjustment"] == 0.0
+    from shortcut_study.study import SweepOptions, search_space
+
+    space = search_space(cfg, SweepOptions(data=None, sets=("train.method=groupdro", "train.lr=0.1")))
+    assert "method.eta" in space and "train.lr" not in space  # pinned by --set
+    assert "method.eta" not in search_space(make_config(), SweepOptions(data=None))
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["train.method=nope"], "train.method='nope': must be one of"),
+    (["train.method=jtt", "method.eta=1"], "unknown config key 'method.eta': method jtt has"),
+    (["train.method=groupdro", "method.eta=-1"], "method.eta"),
+    (["train.method=groupdro", "method.eta=abc"], "must be a float"),
+    (["train.select=best"], "train.select"),
+])
+def test_bad_method_config_is_one_line(sets, message, dataset, tmp_path, capsys):
+    args = ["train", "--data", str(dataset), "--out", str(tmp_path / "r")] + sum((["--set", s] for s in sets), [])
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_group_method_without_digit_labels_says_annotate(dataset, tmp_path, capsys):
+    copy = tmp_path / "course"
+    shutil.copytree(dataset, copy)
+    (copy / "metadata.csv").unlink()
+    for name in ("groupdro", "reweight", "resample", "dfr"):
+        assert main(["train", "--data", str(copy), "--out", str(tmp_path / name), "--epochs", "1",
+                     "--set", f"train.method={name}"]) == 2
+        err = capsys.readouterr().err
+        assert f"shortcut-study data annotate {copy}" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / name).exists()
+    # methods without group labels train there
+    assert main(["train", "--data", str(copy), "--out", str(tmp_path / "lff"), "--epochs", "1",
+                 *sum((["--set", s] for s in TINY + ["train.method=lff"]), [])]) == 0
+
+
+def test_resume_refuses_another_method_or_changed_options(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--data", str(dataset), "--out", str(out), *sum((["--set", s] for s in TINY), [])]
+    assert main([*args, "--epochs", "1"]) == 0
+    before = (out / "q1_model.pt").read_bytes()
+    assert main([*args, "--resume", "--epochs", "3"]) == 2
+    assert "--resume continues" in capsys.readouterr().err
+    assert main([*args, "--resume", "--set", "train.method=groupdro"]) == 2
+    assert "holds the state of method erm" in capsys.readouterr().err
+    assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "drop --resume" in capsys.readouterr().err
+    assert (out / "q1_model.pt").read_bytes() == before
+    assert main([*args, "--resume"]) == 0  # same config: nothing left to train, nothing changed
+
+
+def test_a_run_is_predicted_and_diagnosed_on_its_own_geometry(sources, tmp_path):
+    data = tmp_path / "d12"
+    geometry = ["--set", "geometry.digit_size=12", "--set", "geometry.digit_top=28", "--set", "geometry.digit_left=28"]
+    assert main(["data", "build", "--cifar", str(sources["cifar_tgz"]), "--mnist", str(sources["mnist_tgz"]),
+                 "--out", str(data), *TINY_BUILD, *geometry]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--epochs", "1", *geometry,
+                 *sum((["--set", s] for s in TINY), [])]) == 0
+    cfg = Run(run).config()
+    assert cfg.geometry.digit_size == 12 and cfg.geometry.digit_top == 28
+
+    # predict uses the run's boxes: a model that reads only the 12-px digit box sees what predict feeds it
+    seen = []
+    from shortcut_study import diagnostics, evaluate
+
+    real = evaluate.predict_logits
+
+    def spy(model, images, rt, batch_size=1024, tta="none", geom=None):
+        seen.append(geom)
+        return real(model, images, rt, batch_size, tta, geom)
+
+    evaluate.predict_logits = spy
+    diagnostics.predict_logits = spy
+    try:
+        assert main(["predict", "--checkpoint", str(run / "q1_model.pt"), "--images", str(data / "test_unlabeled"),
+                     "--out", str(tmp_path / "p.txt")]) == 0
+        from shortcut_study.report import build_report
+
+        build_report(run / "q1_model.pt", data, tmp_path / "rep", study=None, max_images=40)
+    finally:
+        evaluate.predict_logits = real
+        diagnostics.predict_logits = real
+    assert seen and all(g is None or g.digit_size == 12 for g in seen)
+    assert any(g is not None and g.digit_box == (slice(28, 40), slice(28, 40)) for g in seen)
+
+
+def test_torn_config_is_detected(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    tree = json.loads((run / "config.json").read_text())
+    tree["_model_sha256"] = "0" * 64  # as if a crash had separated the pair
+    (run / "config.json").write_text(json.dumps(tree))
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (40, 40)).save(images / "img_0.png")
+    assert main(["predict", "--checkpoint", str(run / "q1_model.pt"), "--images", str(images),
+                 "--out", str(tmp_path / "x.txt")]) == 2
+    assert "does not belong to" in capsys.readouterr().err
+
+
+def test_methods_table_is_written_with_its_goals(dataset, tmp_path):
+    from shortcut_study.bench import run_methods_table
+
+    md = tmp_path / "methods.md"
+    text = run_methods_table(dataset, methods=("erm", "groupdro", "jtt"), md=md, out_dir=tmp_path,
+                             sets=["train.epochs=1", "train.batch_size=32", "train.eval_batch_size=64"])
+    assert "erm + digit shuffle" in text and "capability" in text
+    body = md.read_text()
+    assert "## Against the goals" in body and "groupdro closes" in body and "Recipe (preset `methods`)" in body
+    assert list(tmp_path.glob("methods-*.csv"))
+
+
+def test_config_does_not_import_the_modules_it_checks():
+    code = ("import sys; import shortcut_study.config as c; "
+            "bad = [m for m in ('shortcut_study.train', 'shortcut_study.evaluate', 'shortcut_study.methods') "
+            "if m in sys.modules]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+
+
+class _Payload:
+    """Pickles to a call of os.system: what a crafted checkpoint would hide."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("target", ["last.pt", "q1_model.pt"])
+def test_a_crafted_checkpoint_runs_no_code(target, trained_run, dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    marker = tmp_path / "pwned"
+    torch.save({"model": _Payload(marker)}, run / target)
+    if target == "last.pt":
+        args = ["train", "--data", str(dataset), "--out", str(run), "--resume"]
+    else:
+        args = ["predict", "--checkpoint", str(run / target), "--images", str(dataset / "test_unlabeled"),
+                "--out", str(tmp_path / "p.txt")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1, err
+    assert not marker.exists()
