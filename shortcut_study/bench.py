@@ -15,7 +15,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -318,19 +317,26 @@ def _fit_or_reuse(cfg: Config, data: str | Path, out: Path) -> list[dict[str, fl
     return fit(cfg, data, out).history
 
 
+def method_arms(methods: tuple[str, ...], sets: list[str], preset: str, out_dir: Path) -> list[tuple[str, Config, Path]]:
+    """(row label, config, run folder) of every row of the methods table."""
+    arms = [(name, make_config(preset, sets + [f"train.method={name}", *ROW_SETS.get(name, [])])) for name in methods]
+    arms.append(("erm + digit shuffle", make_config(preset, sets + ["train.method=erm", "augment.digit_shuffle_p=1"])))
+    return [(label, cfg, out_dir / "runs" / "methods" / label.replace(" + ", "+").replace(" ", "_"))
+            for label, cfg in arms]
+
+
 def run_methods_table(data: str | Path, methods: tuple[str, ...] = METHOD_ROWS, sets: list[str] | None = None,
                       preset: str = "methods", md: str | Path | None = None, out_dir: Path = BENCH_DIR) -> str:
     """Every method on one recipe (`preset`, no digit shuffle), plus ERM with digit shuffle as the
-    intervention that knows where the shortcut is; test metrics from one run each on this machine."""
+    intervention that knows where the shortcut is; test metrics from one run each on this machine.
+    A row whose run already finished with the same config is reused, so an interrupted table resumes."""
     if md:
         require_writable(md)
     require_writable(out_dir, "folder")
     sets = sets or []
     rows = []
-    arms = [(name, make_config(preset, sets + [f"train.method={name}", *ROW_SETS.get(name, [])])) for name in methods]
-    arms.append(("erm + digit shuffle", make_config(preset, sets + ["train.method=erm", "augment.digit_shuffle_p=1"])))
-    for label, cfg in arms:
-        out = out_dir / "runs" / "methods" / label.replace(" + ", "+").replace(" ", "_")
+    arms = method_arms(methods, sets, preset, out_dir)
+    for label, cfg, out in arms:
         history = _fit_or_reuse(cfg, data, out)
         tm = test_metrics(out, data)
         secs = sum(h["train_seconds"] + h.get("prepare_seconds", 0.0) for h in history)

@@ -97,7 +97,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     if args.workers > 1:
         validate_sweep(opts)  # once, here, rather than N times in the workers
         argv = sys.argv[1:] if args.argv is None else args.argv
-        code = spawn_workers([a for a in _without_flag(argv, "--workers")], args.workers)
+        code = spawn_workers(_without_flag(argv, "--workers"), args.workers)
         if code:
             raise UserError(f"a sweep worker exited with code {code}; its error is above")
         return

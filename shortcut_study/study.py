@@ -143,7 +143,8 @@ def default_params(opts: SweepOptions) -> dict[str, Any]:
             for key, param in search_space(cfg, opts).items()}
 
 
-def _objective(opts: SweepOptions, experiment_id: str, claim: ClaimLock, outcome: dict[str, Any], parent: str):
+def _trial_runner(opts: SweepOptions, experiment_id: str, parent: str):
+    """run_trial(trial) -> objective value: one training run, tracked as one MLflow child run."""
     import mlflow
 
     from .data.layout import load_split
@@ -154,18 +155,6 @@ def _objective(opts: SweepOptions, experiment_id: str, claim: ClaimLock, outcome
     from .train import fit
 
     metric = OBJECTIVES[opts.objective]
-
-    def objective(trial: optuna.Trial) -> float:
-        outcome.clear()
-        with heartbeat(trial.study, trial._trial_id, opts.heartbeat):  # noqa: SLF001
-            claim.release()  # the trial exists and beats: the next worker may count and claim
-            try:
-                return run_trial(trial)
-            except optuna.TrialPruned:
-                raise
-            except Exception as exc:
-                outcome["error"] = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-                raise
 
     def run_trial(trial: optuna.Trial) -> float:
         cfg = trial_config(trial, opts)
@@ -215,9 +204,51 @@ def _objective(opts: SweepOptions, experiment_id: str, claim: ClaimLock, outcome
             mlflow.set_tag("state", "COMPLETE")
             for key in ("acc", "conflicting_acc", "aligned_acc", "worst_group_acc"):
                 trial.set_user_attr(key, result.best.get(key, math.nan))
+            trial.set_user_attr("images_per_s", result.images_per_s)
             return float(result.best.get(SELECT_METRICS[opts.objective], math.nan))
 
-    return objective
+    return run_trial
+
+
+def _run_one(study: optuna.Study, run_trial, claim: ClaimLock, opts: SweepOptions) -> str | None:
+    """Ask for a trial (the claim is held), run it with a heartbeat, tell its end; the error of a
+    failed trial, else None. Ask and tell are ours, not `study.optimize`'s, so a database that is
+    away when the trial ends delays the tell instead of losing the result."""
+    trial = study.ask()
+    value, error = None, None
+    with heartbeat(study, trial._trial_id, opts.heartbeat):  # noqa: SLF001
+        claim.release()  # the trial exists and beats: the next worker may count and claim
+        try:
+            value, state = run_trial(trial), TrialState.COMPLETE
+            if not math.isfinite(value):
+                state, error = TrialState.FAIL, f"objective {opts.objective} is {value}"
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except Exception as exc:
+            state = TrialState.FAIL
+            error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        except KeyboardInterrupt:
+            _tell_patiently(study, trial, TrialState.FAIL, None)  # stopped by hand: failed now, not after the grace
+            raise
+    _tell_patiently(study, trial, state, value)
+    _print_trial(study, study._storage.get_trial(trial._trial_id))  # noqa: SLF001
+    return error
+
+
+def _tell_patiently(study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None) -> None:
+    away_since = time.monotonic()
+    while True:
+        try:
+            study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+            return
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+            return  # failed meanwhile by another worker (it was silent past the grace period)
+        except Exception as exc:
+            if not storage_unreachable(exc) or time.monotonic() - away_since > STORAGE_PATIENCE:
+                raise
+            print(f"storage unreachable while trial {trial.number} ended: waiting for the storage, retrying in 5 s",
+                  flush=True)
+            time.sleep(5)
 
 
 def _open_study(opts: SweepOptions, create: bool) -> optuna.Study:
@@ -363,8 +394,7 @@ def sweep(opts: SweepOptions) -> str:
     if pinned:
         print(f"not searched (pinned by --set): {', '.join(pinned)}", flush=True)
     claim = ClaimLock(opts.storage or DEFAULT_STORAGE, opts.study, getattr(study._storage, "engine", None))  # noqa: SLF001
-    outcome: dict[str, Any] = {}
-    objective = _objective(opts, experiment_id, claim, outcome, parent)
+    run_trial = _trial_runner(opts, experiment_id, parent)
     deadline = time.monotonic() + opts.timeout if opts.timeout else math.inf
     errors: list[str] = []
     in_a_row = 0
@@ -381,9 +411,7 @@ def sweep(opts: SweepOptions) -> str:
                         break
                     time.sleep(min(opts.heartbeat, 5))  # others' trials: a silent one will be failed, then rerun
                     continue
-                outcome.clear()
-                study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[_print_trial],
-                               show_progress_bar=False)
+                error = _run_one(study, run_trial, claim, opts)
                 claim.release()
                 update_parent_run(study, parent)
                 away_since = None
@@ -400,8 +428,8 @@ def sweep(opts: SweepOptions) -> str:
                 print(f"storage unreachable ({first}): waiting for the storage, retrying in 5 s", flush=True)
                 time.sleep(5)
                 continue
-            if "error" in outcome:
-                errors.append(outcome["error"])
+            if error is not None:
+                errors.append(error)
                 in_a_row += 1
                 if in_a_row >= MAX_FAILURES_IN_A_ROW:
                     raise UserError(f"{in_a_row} trials failed in a row, the first with: {errors[-in_a_row][:300]}")
@@ -446,6 +474,11 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     return max(complete, key=lambda t: (t.value, t.user_attrs.get("conflicting_acc", -math.inf)))
 
 
+def trial_run_config(params: dict[str, str]) -> Config:
+    """The config a trial's MLflow run was trained with (its params, less `trial_number`)."""
+    return Config.from_flat({k: v for k, v in params.items() if k != "trial_number"})
+
+
 def best(data: str | Path, study_name: str, storage: str | None, tracking_uri: str | None, out: str | Path) -> str:
     """Export the best finished run's checkpoint and test predictions into `out`."""
     import mlflow
@@ -469,7 +502,7 @@ def best(data: str | Path, study_name: str, storage: str | None, tracking_uri: s
         info = {"run_id": run_id, "trial": trial.number, "study": study_name, "value": trial.value,
                 "params": trial.params,
                 "metrics": {k: v for k, v in run.data.metrics.items() if k.startswith("best_")}}
-        n = export_submission(local, Config.from_flat(run.data.params), split_dir(Path(data), "test"), out,
+        n = export_submission(local, trial_run_config(run.data.params), split_dir(Path(data), "test"), out,
                               extra={"best_run.json": json.dumps(info, indent=2, sort_keys=True) + "\n"})
     lines = [f"best run {run_id} (trial {trial.number} of study {study_name}): objective {trial.value:.2f}"]
     lines += [f"  {k} = {v}" for k, v in sorted(trial.params.items())]

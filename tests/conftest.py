@@ -107,3 +107,34 @@ def pg_db(postgres, request):
     import re
 
     return postgres.create_db(re.sub(r"\W", "_", request.node.name.lower())[:60])
+
+
+def kill_once_training(cmd: list[str], storage: str, cwd: Path, timeout: float = 180) -> None:
+    """Start the sweep `cmd`, wait until its first trial is RUNNING with its MLflow run open, then
+    kill it with SIGKILL (its whole process group), as a crashed machine would."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from shortcut_study.study import open_storage
+
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline, opened = time.time() + timeout, None
+    try:
+        while time.time() < deadline:
+            time.sleep(1)
+            try:
+                opened = opened or open_storage(storage)  # once: one connection pool
+                trials = optuna.load_study(study_name="t", storage=opened).trials
+            except Exception:
+                continue
+            if trials and trials[0].state == TrialState.RUNNING and "mlflow_run_id" in trials[0].user_attrs:
+                return
+        pytest.fail("the sweep never started a trial")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

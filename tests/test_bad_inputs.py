@@ -223,3 +223,21 @@ def test_good_variants_of_bad_looking_input_work(world, capsys):
     Image.new("RGB", (40, 40), (255, 0, 0)).save(first)
     after = load_split(world["data"], "val")
     assert not torch.equal(after.images[0], before.images[0])
+
+
+def test_a_failed_export_leaves_the_previous_one_whole(world):
+    """`best` / the bench export the model, its config, the predictions and best_run.json as one
+    unit: an empty test folder fails before anything in the results folder changes."""
+    from shortcut_study.errors import UserError
+    from shortcut_study.evaluate import export_submission
+    from shortcut_study.run import Run
+
+    out = world["root"] / "results"
+    run = Run(world["run"])
+    export_submission(run.model_path, run.config(), world["data"] / "test_unlabeled", out, extra={"best_run.json": "{}"})
+    before = _snapshot(out)
+    empty = world["root"] / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="holds no .png"):
+        export_submission(run.model_path, run.config(), empty, out, extra={"best_run.json": '{"new": 1}'})
+    assert _snapshot(out) == before and not (out / ".export.partial").exists()

@@ -13,7 +13,6 @@ import torch
 
 from shortcut_study.cli import main
 from shortcut_study.config import make_config
-from shortcut_study.errors import UserError
 from shortcut_study.registry import METHODS
 from shortcut_study.run import Run
 from shortcut_study.train import fit

@@ -19,6 +19,8 @@ from optuna.trial import TrialState
 from shortcut_study.server import free_port, start_mlflow_server, wait_for_http
 from shortcut_study.study import open_storage
 
+from .conftest import kill_once_training
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ("train.batch_size=32", "train.eval_batch_size=64", "train.tta=none")
 
@@ -81,33 +83,17 @@ def test_three_workers_on_postgres_and_an_mlflow_server(dataset, pg_db, mlflow_s
 def test_killed_worker_and_restarted_database(dataset, pg_db, postgres, tmp_path):
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     common = ["--heartbeat", "1", "--grace", "4"]
-    victim = subprocess.Popen(_sweep(dataset, pg_db, tracking, "--n-trials", "1", *common, "--epochs", "400"),
-                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 180
-    try:
-        while time.time() < deadline:
-            time.sleep(1)
-            try:
-                trials = optuna.load_study(study_name="t", storage=open_storage(pg_db)).trials
-            except Exception:
-                continue
-            if trials and trials[0].state == TrialState.RUNNING and "mlflow_run_id" in trials[0].user_attrs:
-                break
-        else:
-            pytest.fail("the sweep never started a trial")
-    finally:
-        os.killpg(victim.pid, signal.SIGKILL)
-        victim.wait()
+    kill_once_training(_sweep(dataset, pg_db, tracking, "--n-trials", "1", *common, "--epochs", "400"), pg_db,
+                       tmp_path)
     worker = subprocess.Popen(_sweep(dataset, pg_db, tracking, "--n-trials", "4", *common), cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # once a trial has finished, take the database away and bring it back
-    deadline = time.time() + 300
+    deadline, storage = time.time() + 300, open_storage(pg_db)  # one storage: one connection pool
     while time.time() < deadline:
         time.sleep(0.5)
-        done = [t for t in optuna.load_study(study_name="t", storage=open_storage(pg_db)).trials
-                if t.state == TrialState.COMPLETE]
-        if done:
+        if any(t.state == TrialState.COMPLETE for t in optuna.load_study(study_name="t", storage=storage).trials):
             break
+    storage.engine.dispose()
     postgres.stop("immediate")
     time.sleep(3)
     postgres.start()

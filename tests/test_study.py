@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -20,8 +17,10 @@ from shortcut_study import train as train_module
 from shortcut_study.cli import main
 from shortcut_study.config import Config
 from shortcut_study.errors import UserError
-from shortcut_study.study import SweepOptions, best, open_storage, sweep
+from shortcut_study.study import SweepOptions, best, open_storage, sweep, trial_run_config
 from shortcut_study.tracking import init_tracking
+
+from .conftest import kill_once_training
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ("train.batch_size=32", "train.eval_batch_size=64", "train.tta=flip")
@@ -63,7 +62,7 @@ def test_sweep_tracks_every_trial_resumes_and_exports_best(dataset, tmp_path, ca
     # the exported config is the run's, so `predict` on the export reproduces q1_test.txt
     exported = json.loads((out / "config.json").read_text())
     winner = mlflow.get_run(json.loads((out / "best_run.json").read_text())["run_id"])
-    assert Config.from_dict(exported).flat() == Config.from_flat(winner.data.params).flat()
+    assert Config.from_dict(exported).flat() == trial_run_config(winner.data.params).flat()
     assert main(["predict", "--checkpoint", str(out / "q1_model.pt"), "--images", str(dataset / "test_unlabeled"),
                  "--out", str(tmp_path / "again.txt")]) == 0
     assert (tmp_path / "again.txt").read_bytes() == first
@@ -120,23 +119,7 @@ def test_killed_sweep_resumes_and_marks_the_trial_failed(dataset, tmp_path, back
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     common = ["--data", str(dataset), "--study", "t", "--subset", "0", "--storage", storage,
               "--tracking-uri", tracking, "--heartbeat", "1", "--grace", "3", *sum((["--set", s] for s in TINY), [])]
-    proc = subprocess.Popen(_cli("sweep", "--n-trials", "1", "--epochs", "400", *common), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline:
-            time.sleep(1)
-            try:
-                trials = optuna.load_study(study_name="t", storage=open_storage(storage)).trials
-            except Exception:
-                continue
-            if trials and trials[0].state == TrialState.RUNNING and "mlflow_run_id" in trials[0].user_attrs:
-                break
-        else:
-            pytest.fail("the sweep never started a trial")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_once_training(_cli("sweep", "--n-trials", "1", "--epochs", "400", *common), storage, REPO)
     assert main(["sweep", "--n-trials", "2", "--epochs", "1", *common]) == 0  # waits out the grace period
     trials = optuna.load_study(study_name="t", storage=open_storage(storage)).trials
     assert trials[0].state == TrialState.FAIL and trials[-1].state == TrialState.COMPLETE

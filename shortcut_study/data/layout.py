@@ -125,13 +125,15 @@ def read_images(root: Path, rel_paths: list[str], size: int | None) -> np.ndarra
     return np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2))
 
 
-def _fingerprint(root: Path, entries: list[tuple[str, int]]) -> str:
-    """Names, labels, sizes and modification times: a PNG rewritten in place changes it."""
-    h = hashlib.sha256()
+def _fingerprint(root: Path, entries: list[tuple[str, int]]) -> tuple[str, int]:
+    """A hash of names, labels and sizes (the same for the same build), and the newest PNG's
+    modification time: a PNG rewritten in place after the cache was made makes the cache stale."""
+    h, newest = hashlib.sha256(), 0
     for rel, label in entries:
         st = (root / rel).stat()
-        h.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
+        newest = max(newest, st.st_mtime_ns)
+        h.update(f"{rel}\0{label}\0{st.st_size}\n".encode())
+    return h.hexdigest(), newest
 
 
 def cache_paths(root: Path, split: str) -> tuple[Path, Path]:
@@ -143,7 +145,7 @@ def write_cache(root: Path, split: str, images: np.ndarray, entries: list[tuple[
     with atomic_path(npy) as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, images)
-    info = {"fingerprint": _fingerprint(root, entries), "shape": list(images.shape)}
+    info = {"fingerprint": _fingerprint(root, entries)[0], "shape": list(images.shape)}
     with atomic_path(meta) as tmp:
         tmp.write_text(json.dumps(info, sort_keys=True) + "\n")
 
@@ -154,7 +156,8 @@ def _read_cache(root: Path, split: str, entries: list[tuple[str, int]]) -> np.nd
         return None
     try:
         info = json.loads(meta.read_text())
-        if info.get("fingerprint") != _fingerprint(root, entries):
+        digest, newest = _fingerprint(root, entries)
+        if info.get("fingerprint") != digest or newest > npy.stat().st_mtime_ns:
             return None
         images = np.load(npy, mmap_mode=None)
         return images if list(images.shape) == info["shape"] else None
