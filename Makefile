@@ -71,13 +71,14 @@ WORKERS ?= 1
 TRACKING_URI ?= sqlite:///$(CURDIR)/mlruns/mlflow.db
 STORAGE ?= sqlite:///$(CURDIR)/studies/optuna.db
 UI_PORT ?= 5000
+RESULTS ?= results
 
 sweep: data $(VENV)
 	$(SS) sweep --data $(DATA) --study $(STUDY) --n-trials $(N_TRIALS) --timeout $(SWEEP_TIMEOUT) \
 	  --storage $(STORAGE) --tracking-uri $(TRACKING_URI) --workers $(WORKERS) $(SWEEP_ARGS)
 
 best: $(VENV)
-	$(SS) best --data $(DATA) --study $(STUDY) --storage $(STORAGE) --tracking-uri $(TRACKING_URI) --out results
+	$(SS) best --data $(DATA) --study $(STUDY) --storage $(STORAGE) --tracking-uri $(TRACKING_URI) --out $(RESULTS)
 
 # A team's PostgreSQL (Optuna storage) + MLflow tracking server; prints the URLs workers pass.
 SERVER_HOST ?= 127.0.0.1
@@ -90,4 +91,4 @@ ui: $(VENV)
 	  --host 127.0.0.1 --port $(UI_PORT)
 
 report: $(VENV)
-	$(SS) report --data $(DATA) --study $(STUDY) --storage $(STORAGE) --tracking-uri $(TRACKING_URI) --out results
+	$(SS) report --data $(DATA) --study $(STUDY) --storage $(STORAGE) --tracking-uri $(TRACKING_URI) --out $(RESULTS)

@@ -143,7 +143,13 @@ def start_mlflow_server(backend_url: str, artifacts: Path, host: str, port: int,
 
 def serve(root: Path = Path("studies"), host: str = "127.0.0.1", pg_port: int = 55432,
           mlflow_port: int = 5000) -> None:
-    """Start PostgreSQL and the MLflow server, print the two URLs, stop both on Ctrl-C."""
+    """Start PostgreSQL and the MLflow server, print the two URLs, stop both on Ctrl-C (or SIGTERM)."""
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)  # also when started in the background, where SIGINT is ignored
     pg = LocalPostgres(root / "postgres", pg_port, host)
     pg.init()
     pg.start()

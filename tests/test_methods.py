@@ -245,3 +245,15 @@ def test_a_crafted_checkpoint_runs_no_code(target, trained_run, dataset, tmp_pat
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and len(err.splitlines()) == 1, err
     assert not marker.exists()
+
+
+def test_balancing_targets():
+    from shortcut_study.methods.reweight import balancing_weights
+
+    counts = torch.tensor([36.0, 64.0] * 10)  # per class: 36 conflicting, 64 aligned images
+    balanced = balancing_weights(counts, "balanced")
+    assert torch.allclose(balanced * counts, torch.full((20,), 50.0))  # every group the same total weight
+    independent = balancing_weights(counts, "independent")
+    mass = (independent * counts).view(10, 2)
+    assert torch.allclose(mass[:, 1] / mass.sum(1), torch.full((10,), 0.1))  # aligned = 1/10 of each class
+    assert abs(float((independent * counts).sum() / counts.sum()) - 1) < 1e-6
