@@ -283,7 +283,7 @@ def _open_study(opts: SweepOptions, create: bool) -> optuna.Study:
 
 def study_parent_run(study: optuna.Study, experiment_id: str, opts: SweepOptions) -> str:
     """The study's parent MLflow run (its settings; the best trial so far; the optimisation plots),
-    made once: by the first worker to set the study attribute, the others reading it."""
+    made once, under the claim lock: by the first worker, the others reading the study attribute."""
     from mlflow.entities import Param as RunParam
     from mlflow.tracking import MlflowClient
 
@@ -297,12 +297,8 @@ def study_parent_run(study: optuna.Study, experiment_id: str, opts: SweepOptions
                 "sampler": "TPE (constant liar, a seed per worker)", "pruner": "median (4 startup trials, 3 warm-up epochs)"}
     client.log_batch(run.info.run_id, params=[RunParam(k, str(v)) for k, v in settings.items()])
     client.set_terminated(run.info.run_id, status="FINISHED")
-    # Two workers may both get here at once: the first id written wins, the other run is deleted.
-    study.set_user_attr("mlflow_parent_run_id", study.user_attrs.get("mlflow_parent_run_id") or run.info.run_id)
-    winner = optuna.load_study(study_name=study.study_name, storage=study._storage).user_attrs["mlflow_parent_run_id"]  # noqa: SLF001
-    if winner != run.info.run_id:
-        client.delete_run(run.info.run_id)
-    return winner
+    study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
+    return run.info.run_id
 
 
 def update_parent_run(study: optuna.Study, parent: str, final: bool = False) -> None:
@@ -389,11 +385,15 @@ def sweep(opts: SweepOptions) -> str:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = _open_study(opts, create=True)
     experiment_id = init_tracking(opts.tracking_uri, opts.study)
-    parent = study_parent_run(study, experiment_id, opts)
+    claim = ClaimLock(opts.storage or DEFAULT_STORAGE, opts.study, getattr(study._storage, "engine", None))  # noqa: SLF001
+    claim.acquire()  # workers starting together: one makes the parent run, the others find it
+    try:
+        parent = study_parent_run(study, experiment_id, opts)
+    finally:
+        claim.release()
     pinned = sorted({s.partition("=")[0].strip() for s in opts.sets} & set(SEARCH_SPACE))
     if pinned:
         print(f"not searched (pinned by --set): {', '.join(pinned)}", flush=True)
-    claim = ClaimLock(opts.storage or DEFAULT_STORAGE, opts.study, getattr(study._storage, "engine", None))  # noqa: SLF001
     run_trial = _trial_runner(opts, experiment_id, parent)
     deadline = time.monotonic() + opts.timeout if opts.timeout else math.inf
     errors: list[str] = []

@@ -257,3 +257,18 @@ def test_balancing_targets():
     mass = (independent * counts).view(10, 2)
     assert torch.allclose(mass[:, 1] / mass.sum(1), torch.full((10,), 0.1))  # aligned = 1/10 of each class
     assert abs(float((independent * counts).sum() / counts.sum()) - 1) < 1e-6
+
+
+def test_sweep_searches_the_chosen_methods_own_hyperparameters(dataset, tmp_path):
+    import optuna
+
+    assert main(["sweep", "--data", str(dataset), "--study", "m", "--n-trials", "2", "--epochs", "1", "--subset", "0",
+                 "--storage", f"sqlite:///{tmp_path}/o.db", "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+                 *sum((["--set", s] for s in TINY + ["train.method=groupdro"]), [])]) == 0
+    trials = optuna.load_study(study_name="m", storage=f"sqlite:///{tmp_path}/o.db").trials
+    assert len(trials) == 2 and all("method.eta" in t.params and "method.adjustment" in t.params for t in trials)
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
+    runs = [r for r in mlflow.search_runs(experiment_names=["m"], output_format="list") if "trial" in r.data.tags]
+    assert all(r.data.params["train.method"] == "groupdro" and "method.eta" in r.data.params for r in runs)

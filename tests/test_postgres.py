@@ -75,6 +75,9 @@ def test_three_workers_on_postgres_and_an_mlflow_server(dataset, pg_db, mlflow_s
     assert exp.artifact_location.startswith("mlflow-artifacts:")
     runs = client.search_runs([exp.experiment_id], filter_string="tags.trial != ''")
     assert {r.data.tags["trial"] for r in runs} == {str(t.number) for t in trials}
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.role = 'study'")
+    assert len(parents) == 1  # one parent however many workers started at once
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in runs)
     local = mlflow.artifacts.download_artifacts(run_id=runs[0].info.run_id, artifact_path="q1_model.pt",
                                                 dst_path=str(tmp_path / "dl"))
     assert Path(local).stat().st_size > 100_000

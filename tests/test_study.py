@@ -222,3 +222,11 @@ def test_workers_flag_runs_pinned_processes_on_one_study(dataset, tmp_path):
                  *sum((["--set", s] for s in TINY), [])]) == 0
     trials = optuna.load_study(study_name="t", storage=storage).trials
     assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)
+
+
+def test_unreachable_tracking_server_is_one_line_naming_it(dataset, tmp_path, capsys):
+    url = "http://127.0.0.1:9"  # the discard port: nothing listens
+    assert main(["sweep", "--data", str(dataset), "--study", "t", "--storage", f"sqlite:///{tmp_path}/o.db",
+                 "--tracking-uri", url, "--n-trials", "1", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and url in err and len(err.splitlines()) == 1, err
