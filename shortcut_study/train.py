@@ -113,12 +113,16 @@ def reference_transform(cfg: Config):
     return v2.Compose(steps)
 
 
-def reference_loader(cfg: Config, data_dir: str | Path, train: SplitData) -> torch.utils.data.DataLoader:
+def reference_loader(cfg: Config, data_dir: str | Path, train: SplitData,
+                     weights: torch.Tensor | None = None) -> torch.utils.data.DataLoader:
+    """The course's DataLoader; with `weights`, n draws with replacement by them (as `epoch_order`)."""
     t = cfg.train
+    sampler = (torch.utils.data.WeightedRandomSampler(weights.float().cpu(), len(train), replacement=True)
+               if weights is not None else None)
     return torch.utils.data.DataLoader(
         FolderDataset(Path(data_dir), train.files, reference_transform(cfg)), batch_size=t.batch_size,
-        shuffle=True, drop_last=len(train) >= t.batch_size, num_workers=t.num_workers,
-        persistent_workers=t.num_workers > 0)
+        shuffle=sampler is None, sampler=sampler, drop_last=len(train) >= t.batch_size, num_workers=t.num_workers,
+        persistent_workers=t.num_workers > 0 and sampler is None)
 
 
 def reference_batches(loader: torch.utils.data.DataLoader, train: SplitData, cfg: Config,
@@ -163,13 +167,15 @@ class Trainer:
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     loader: torch.utils.data.DataLoader | None = None  # the reference pipeline's
+    data_dir: str | Path = ""
 
     def batches(self) -> Iterator[Batch]:
-        """One epoch."""
+        """One epoch, drawn as the method asks (a shuffle, or draws by its sample weights)."""
+        weights = self.method.sample_weights()
         if self.loader is not None:
-            return reference_batches(self.loader, self.train, self.cfg, self.rt)
-        order = epoch_order(len(self.train), self.method.sample_weights(), self.train.labels.device)
-        return fast_batches(self.train, self.cfg, order)
+            loader = self.loader if weights is None else reference_loader(self.cfg, self.data_dir, self.train, weights)
+            return reference_batches(loader, self.train, self.cfg, self.rt)
+        return fast_batches(self.train, self.cfg, epoch_order(len(self.train), weights, self.train.labels.device))
 
     def run_epoch(self, on_step: Callable[[torch.Tensor, torch.Tensor, Batch], None] | None = None) -> int:
         self.model.train()
@@ -204,7 +210,7 @@ def build_trainer(cfg: Config, train: SplitData, rt: Runtime, data_dir: str | Pa
     total = per_epoch * (epochs or t.epochs)
     sched = SCHEDULES[t.schedule](opt, total, round(min(t.warmup_epochs, epochs or t.epochs) * per_epoch), t.lr)
     loader = reference_loader(cfg, data_dir, train) if t.pipeline == "reference" else None
-    return Trainer(cfg, rt, train, model, m, opt, sched, loader)
+    return Trainer(cfg, rt, train, model, m, opt, sched, loader, data_dir)
 
 
 def _train_plain(cfg: Config, train: SplitData, rt: Runtime, data_dir: str | Path, epochs: int) -> nn.Module:

@@ -272,3 +272,19 @@ def test_sweep_searches_the_chosen_methods_own_hyperparameters(dataset, tmp_path
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
     runs = [r for r in mlflow.search_runs(experiment_names=["m"], output_format="list") if "trial" in r.data.tags]
     assert all(r.data.params["train.method"] == "groupdro" and "method.eta" in r.data.params for r in runs)
+
+
+def test_reference_pipeline_draws_by_the_methods_weights(dataset, tmp_path):
+    """resample with the course's DataLoader pipeline still draws group-balanced batches."""
+    from shortcut_study.runtime import resolve_runtime
+    from shortcut_study.train import build_trainer, load_data
+
+    cfg = make_config(sets=[*TINY, "train.method=resample", "train.pipeline=reference", "train.num_workers=0"])
+    rt = resolve_runtime("cpu")
+    train, _ = load_data(cfg, dataset, rt)
+    trainer = build_trainer(cfg, train, rt, dataset)
+    torch.manual_seed(0)
+    groups = torch.cat([b.group for _ in range(10) for b in trainer.batches()])
+    aligned = float((groups % 2 == 1).float().mean())
+    assert abs(aligned - 0.5) < 0.1, aligned  # balanced: half aligned, whatever the data's share
+    assert fit(cfg, dataset, tmp_path / "r", quiet=True).history
