@@ -36,7 +36,8 @@ STUDIES = Path("studies")
 DEFAULT_STORAGE = f"sqlite:///{STUDIES / 'optuna.db'}"
 # The sweep's objectives are the model-selection criteria (`train.select`), by the same names.
 OBJECTIVES = {name: f"val_{metric}" for name, metric in SELECT_METRICS.items()}
-RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
+# Storages with a claim lock (trials.ClaimLock): a file lock for SQLite, an advisory lock for PostgreSQL.
+RDB_SCHEMES = ("sqlite", "postgresql")
 
 
 # The search space shared by every method: key -> Param (default from the config, search range
@@ -95,8 +96,8 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
         return optuna.storages.JournalStorage(JournalFileBackend(url))
     scheme = url.split("://", 1)[0].split("+", 1)[0] if "://" in url else ""
     if scheme not in RDB_SCHEMES:
-        raise UserError(f"unknown storage URL {url!r}: use sqlite:///PATH.db, postgresql://USER@HOST/DB, "
-                        "mysql://… or a PATH.journal file")
+        raise UserError(f"unknown storage URL {url!r}: use sqlite:///PATH.db, postgresql://USER@HOST/DB "
+                        "or a PATH.journal file")
     engine_kwargs: dict[str, Any] = {}
     if scheme == "sqlite":
         path = Path(url.removeprefix("sqlite:///"))
@@ -385,7 +386,7 @@ def sweep(opts: SweepOptions) -> str:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = _open_study(opts, create=True)
     experiment_id = init_tracking(opts.tracking_uri, opts.study)
-    claim = ClaimLock(opts.storage or DEFAULT_STORAGE, opts.study, getattr(study._storage, "engine", None))  # noqa: SLF001
+    claim = ClaimLock(opts.storage or DEFAULT_STORAGE, opts.study)
     claim.acquire()  # workers starting together: one makes the parent run, the others find it
     try:
         parent = study_parent_run(study, experiment_id, opts)

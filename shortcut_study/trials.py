@@ -25,6 +25,8 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from .server import normalize_db_url
+
 # Optuna's retry callback is marked experimental, but it is Optuna's documented pattern.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
@@ -39,9 +41,9 @@ class ClaimLock:
     beside a SQLite database or journal file, a PostgreSQL advisory lock for a server (released by
     the server when a killed worker's connection drops)."""
 
-    def __init__(self, storage_url: str, study: str, engine=None) -> None:
+    def __init__(self, storage_url: str, study: str) -> None:
         self._file: Path | None = None
-        self._engine = engine if storage_url.startswith("postgresql") else None
+        self._url = normalize_db_url(storage_url) if storage_url.startswith(("postgresql", "postgres:")) else None
         self._pg = None  # a connection of its own: the advisory lock lives as long as it does
         self._key = zlib.crc32(f"shortcut-study:{study}".encode())
         self._held = False
@@ -49,11 +51,16 @@ class ClaimLock:
             self._file = Path(f"{storage_url}.claim.lock")
         elif storage_url.startswith("sqlite:///"):
             self._file = Path(f"{storage_url.removeprefix('sqlite:///')}.claim.lock")
+        elif self._url is None:
+            raise ValueError(f"no claim lock for storage {storage_url!r}")
         self._fh = None
 
     def _advisory(self, sql: str) -> None:
         if self._pg is None:
-            self._pg = self._engine.raw_connection()
+            import sqlalchemy
+
+            engine = sqlalchemy.create_engine(self._url, poolclass=sqlalchemy.pool.NullPool)
+            self._pg = engine.raw_connection()
         try:
             with contextlib.closing(self._pg.cursor()) as cur:
                 cur.execute(sql, (self._key,))
@@ -77,7 +84,7 @@ class ClaimLock:
             self._file.parent.mkdir(parents=True, exist_ok=True)
             self._fh = open(self._file, "a")
             fcntl.flock(self._fh, fcntl.LOCK_EX)
-        elif self._engine is not None:
+        elif self._url is not None:
             self._advisory("SELECT pg_advisory_lock(%s)")
         self._held = True
 
@@ -90,7 +97,7 @@ class ClaimLock:
             fcntl.flock(self._fh, fcntl.LOCK_UN)
             self._fh.close()
             self._fh = None
-        elif self._engine is not None:
+        elif self._url is not None:
             self._advisory("SELECT pg_advisory_unlock(%s)")
 
     def close(self) -> None:

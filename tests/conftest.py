@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import tarfile
 from pathlib import Path
 
@@ -93,6 +95,8 @@ def postgres(tmp_path_factory):
     try:
         pg_bin()
     except UserError as exc:
+        if os.environ.get("CI"):  # .ci/run installs PostgreSQL: its absence there is a failure
+            pytest.fail(f"PostgreSQL missing in CI: {exc}")
         pytest.skip(f"PostgreSQL tests skipped: {exc}")
     pg = LocalPostgres(tmp_path_factory.mktemp("pg") / "data", free_port())
     pg.init()

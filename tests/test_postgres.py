@@ -45,6 +45,23 @@ def mlflow_server(postgres, tmp_path):
         proc.wait(timeout=30)
 
 
+def test_claim_lock_on_postgres_excludes_a_second_worker(pg_db):
+    """The claim that keeps a study at exactly --n-trials must be a real lock on PostgreSQL."""
+    import threading
+
+    from shortcut_study.trials import ClaimLock
+
+    first, second = ClaimLock(pg_db, "t"), ClaimLock(pg_db, "t")
+    first.acquire()
+    got = threading.Event()
+    waiter = threading.Thread(target=lambda: (second.acquire(), got.set()), daemon=True)
+    waiter.start()
+    assert not got.wait(2), "a second worker took the claim while the first held it"
+    first.close()  # as a killed worker's dropped connection does
+    assert got.wait(60)
+    second.close()
+
+
 def test_two_processes_initialise_a_fresh_postgres_study_at_once(dataset, pg_db, tmp_path):
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     from shortcut_study.tracking import init_tracking
