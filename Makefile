@@ -23,7 +23,8 @@ RUN_DIR ?= experiments/runs/$(PRESET)
 EPOCHS ?=
 EPOCH_ARG := $(if $(EPOCHS),--epochs $(EPOCHS),)
 
-.PHONY: all setup data train predict evaluate test bench bench-quick methods sweep best report ui server clean
+.PHONY: all setup data train predict evaluate test bench bench-quick methods sweep best report ui server clean \
+  compare compare-quick
 
 all: setup data train predict evaluate
 
@@ -79,6 +80,20 @@ sweep: data $(VENV)
 
 best: $(VENV)
 	$(SS) best --data $(DATA) --study $(STUDY) --storage $(STORAGE) --tracking-uri $(TRACKING_URI) --out $(RESULTS)
+
+# The shortcut-strength study: a grid of cells (experiments/compare.toml), each a trial in the
+# sweep's storage; several processes (WORKERS, or other hosts with STORAGE) share it. Tables and
+# plots go to results/compare/.
+GRID ?= experiments/compare.toml
+COMPARE_ARGS ?=
+COMPARE_OUT ?= $(RESULTS)/compare
+compare: $(VENV)
+	$(SS) compare --grid $(GRID) --cifar $(CIFAR_SRC) --mnist $(MNIST_SRC) $(DOWNLOAD) --storage $(STORAGE) \
+	  --tracking-uri $(TRACKING_URI) --workers $(WORKERS) --out $(COMPARE_OUT) $(COMPARE_ARGS)
+
+compare-quick: GRID = experiments/compare-quick.toml
+compare-quick: COMPARE_OUT = $(RESULTS)/compare-quick
+compare-quick: compare
 
 # A team's PostgreSQL (Optuna storage) + MLflow tracking server; prints the URLs workers pass.
 SERVER_HOST ?= 127.0.0.1

@@ -19,10 +19,9 @@ import pandas as pd
 import torch
 
 from .config import Config, make_config
-from .data.layout import load_split
-from .diagnostics import counterfactual_digit_accuracy
+from .diagnostics import test_metrics
 from .errors import UserError, atomic_path, require_writable, write_text_atomic
-from .evaluate import evaluate_split, gap_interval
+from .evaluate import gap_interval
 from .run import Run
 from .runtime import resolve_runtime, train_runtime
 from .train import build_trainer, fit, load_data, train_step
@@ -112,20 +111,6 @@ def _minutes_to(history: list[dict[str, float]], target: float, with_eval: bool)
         if h["val_acc"] >= target:
             return elapsed / 60
     return math.nan
-
-
-def test_metrics(run_dir: Path, data: str | Path) -> dict[str, float]:
-    """Test accuracy of a run's selected model with its own geometry and test-time augmentation:
-    overall, digit-aligned / conflicting, worst group, and the paired counterfactual."""
-    run = Run(run_dir)
-    rt = resolve_runtime()
-    model, cfg = run.load(rt.device)
-    test = load_split(data, "test", cfg.geometry.canvas)
-    if not test.has_labels:
-        return {}
-    tm, _ = evaluate_split(model, test, rt, tta=cfg.train.tta, geom=cfg.geometry)
-    tm.update(counterfactual_digit_accuracy(model, test, rt, cfg.geometry, tta=cfg.train.tta))
-    return tm
 
 
 def full_row(label: str, preset: str, data: str | Path, out_root: Path, sets: list[str]) -> dict[str, float | str]:

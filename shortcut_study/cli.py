@@ -104,6 +104,29 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     print(sweep(opts))
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .compare import CompareOptions, aggregate, compare, load_grid
+    from .trials import spawn_workers
+
+    opts = CompareOptions(grid=load_grid(args.grid, args.set), cifar=args.cifar, mnist=args.mnist,
+                          download=args.download, data_root=Path(args.data_root), storage=args.storage,
+                          tracking_uri=args.tracking_uri, out=Path(args.out), timeout=args.timeout or None,
+                          heartbeat=args.heartbeat, grace=args.grace)
+    if args.aggregate:
+        print(aggregate(opts))
+        return
+    if args.workers < 1:
+        raise UserError(f"--workers must be >= 1 (got {args.workers})")
+    if args.workers > 1:
+        argv = sys.argv[1:] if args.argv is None else args.argv
+        code = spawn_workers(_without_flag(argv, "--workers"), args.workers)
+        if code:
+            raise UserError(f"a compare worker exited with code {code}; its error is above")
+        print(aggregate(opts))
+        return
+    print(compare(opts))
+
+
 def _without_flag(argv: list[str], flag: str) -> list[str]:
     out, skip = [], False
     for a in argv:
@@ -226,6 +249,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "each pinned to its share of the cores (other hosts join with the same command)")
     _add_set_arg(p, "augment.translate=3 (the base config of every trial)")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("compare", help="the shortcut-strength study: methods x agreement x digit size x seeds, "
+                       "aggregated with error bars and plotted")
+    p.add_argument("--grid", default="experiments/compare.toml", help="the grid's TOML file (or a name under experiments/)")
+    p.add_argument("--cifar", required=True, help="CIFAR-10 source, as for `data build`")
+    p.add_argument("--mnist", required=True, help="MNIST source, as for `data build`")
+    p.add_argument("--download", action="store_true", help="fetch missing sources with torchvision (online)")
+    p.add_argument("--data-root", default="data", help="where each cell's dataset is cached (by a hash of its build)")
+    p.add_argument("--storage", help="Optuna storage shared by every process of the comparison (default: the sweep's)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db)")
+    p.add_argument("--out", default="results/compare", help="folder for the tables and plots")
+    p.add_argument("--timeout", type=float, default=0, help="seconds after which no new cell starts; 0 = none")
+    p.add_argument("--heartbeat", type=int, default=30, help="seconds between a running cell's heartbeats")
+    p.add_argument("--grace", type=int, default=90, help="seconds without heartbeat before a cell is failed and rerun")
+    p.add_argument("--workers", type=int, default=1, help="processes on this host sharing the grid, each on its "
+                   "share of the cores (other hosts join with the same command and --storage)")
+    p.add_argument("--aggregate", action="store_true", help="only write the tables and plots of the finished cells")
+    _add_set_arg(p, "seeds=0,1 (an axis), name=mine, or train.epochs=2 (the recipe)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("best", help="export the best run's q1_model.pt and q1_test.txt")
     _add_study_args(p)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,8 +14,10 @@ from torch import nn
 from .augment import normalize
 from .config import NUM_CLASSES, GeometryConfig
 from .data.layout import SplitData
-from .evaluate import classification_metrics, predict_logits
-from .runtime import Runtime
+from .data.layout import load_split
+from .evaluate import classification_metrics, evaluate_split, predict_logits
+from .run import Run
+from .runtime import Runtime, resolve_runtime
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 
@@ -182,3 +185,22 @@ def shortcut_diagnostics(model: nn.Module, split: SplitData, rt: Runtime, geom: 
         occlusion_map=heat / np.maximum(hits, 1),
         counterfactual=counterfactual_digit_accuracy(
             model, SplitData(images, labels, digits, [split.files[i] for i in pick]), rt, geom, seed=seed))
+
+
+def test_scores(run_dir: str | Path, data: str | Path) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """A run's selected model on the labelled test split, with the run's own geometry and test-time
+    augmentation: overall, digit-aligned / conflicting and worst-group accuracy, the paired
+    counterfactual; with the predictions and labels. ({}, empty, empty) without test labels."""
+    rt = resolve_runtime()
+    model, cfg = Run(Path(run_dir)).load(rt.device)
+    test = load_split(data, "test", cfg.geometry.canvas)
+    if not test.has_labels:
+        return {}, np.empty(0, dtype=int), np.empty(0, dtype=int)
+    metrics, preds = evaluate_split(model, test, rt, tta=cfg.train.tta, geom=cfg.geometry)
+    metrics.update(counterfactual_digit_accuracy(model, test, rt, cfg.geometry, tta=cfg.train.tta))
+    return metrics, preds, test.labels.numpy()
+
+
+def test_metrics(run_dir: str | Path, data: str | Path) -> dict[str, float]:
+    """`test_scores` without the predictions."""
+    return test_scores(run_dir, data)[0]

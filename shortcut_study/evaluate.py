@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import confusion_matrix
 from torch import nn
 
 from .augment import normalize
@@ -87,6 +86,8 @@ def gap_interval(m: dict[str, float]) -> tuple[float, float]:
 
 
 def confusion(preds: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    from sklearn.metrics import confusion_matrix  # here: seconds of imports, for this call only
+
     return confusion_matrix(labels, preds, labels=list(range(NUM_CLASSES)))
 
 

@@ -26,7 +26,8 @@ from .config import SELECT_METRICS, Config, Param, make_config, set_value
 from .errors import UserError, require_writable
 from .server import normalize_db_url
 from .tracking import file_lock, init_tracking
-from .trials import ClaimLock, counted, fail_stale, heartbeat, storage_unreachable, worker_seed
+from .trials import (ClaimLock, WorkerSettings, counted, ensure_parent_run, reconcile_failed_runs, run_shared_trials,
+                     worker_seed)
 
 # Heartbeats and stale-trial failing are marked experimental but are Optuna's documented way.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -211,47 +212,6 @@ def _trial_runner(opts: SweepOptions, experiment_id: str, parent: str):
     return run_trial
 
 
-def _run_one(study: optuna.Study, run_trial, claim: ClaimLock, opts: SweepOptions) -> str | None:
-    """Ask for a trial (the claim is held), run it with a heartbeat, tell its end; the error of a
-    failed trial, else None. Ask and tell are ours, not `study.optimize`'s, so a database that is
-    away when the trial ends delays the tell instead of losing the result."""
-    trial = study.ask()
-    value, error = None, None
-    with heartbeat(study, trial._trial_id, opts.heartbeat):  # noqa: SLF001
-        claim.release()  # the trial exists and beats: the next worker may count and claim
-        try:
-            value, state = run_trial(trial), TrialState.COMPLETE
-            if not math.isfinite(value):
-                state, error = TrialState.FAIL, f"objective {opts.objective} is {value}"
-        except optuna.TrialPruned:
-            state = TrialState.PRUNED
-        except Exception as exc:
-            state = TrialState.FAIL
-            error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-        except KeyboardInterrupt:
-            _tell_patiently(study, trial, TrialState.FAIL, None)  # stopped by hand: failed now, not after the grace
-            raise
-    _tell_patiently(study, trial, state, value)
-    _print_trial(study, study._storage.get_trial(trial._trial_id))  # noqa: SLF001
-    return error
-
-
-def _tell_patiently(study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None) -> None:
-    away_since = time.monotonic()
-    while True:
-        try:
-            study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
-            return
-        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
-            return  # failed meanwhile by another worker (it was silent past the grace period)
-        except Exception as exc:
-            if not storage_unreachable(exc) or time.monotonic() - away_since > STORAGE_PATIENCE:
-                raise
-            print(f"storage unreachable while trial {trial.number} ended: waiting for the storage, retrying in 5 s",
-                  flush=True)
-            time.sleep(5)
-
-
 def _open_study(opts: SweepOptions, create: bool) -> optuna.Study:
     storage = open_storage(opts.storage)
     if not create:
@@ -283,23 +243,11 @@ def _open_study(opts: SweepOptions, create: bool) -> optuna.Study:
 
 
 def study_parent_run(study: optuna.Study, experiment_id: str, opts: SweepOptions) -> str:
-    """The study's parent MLflow run (its settings; the best trial so far; the optimisation plots),
-    made once, under the claim lock: by the first worker, the others reading the study attribute."""
-    from mlflow.entities import Param as RunParam
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    run_id = study.user_attrs.get("mlflow_parent_run_id")
-    if run_id:
-        return run_id
-    run = client.create_run(experiment_id, run_name=f"study {opts.study}", tags={"study": opts.study, "role": "study"})
+    """The study's parent MLflow run (its settings; the best trial so far; the optimisation plots)."""
     settings = {"n_trials": opts.n_trials, "objective": opts.objective, "subset": opts.subset,
                 "epochs": "searched" if opts.epochs is None else opts.epochs, "sets": " ".join(opts.sets) or "-",
                 "sampler": "TPE (constant liar, a seed per worker)", "pruner": "median (4 startup trials, 3 warm-up epochs)"}
-    client.log_batch(run.info.run_id, params=[RunParam(k, str(v)) for k, v in settings.items()])
-    client.set_terminated(run.info.run_id, status="FINISHED")
-    study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
-    return run.info.run_id
+    return ensure_parent_run(study, experiment_id, f"study {opts.study}", {"study": opts.study, "role": "study"}, settings)
 
 
 def update_parent_run(study: optuna.Study, parent: str, final: bool = False) -> None:
@@ -332,31 +280,7 @@ def update_parent_run(study: optuna.Study, parent: str, final: bool = False) -> 
                 pass
 
 
-def reconcile_failed_runs(study: optuna.Study, experiment_id: str) -> int:
-    """End as FAILED the MLflow runs still RUNNING whose trial Optuna has failed (killed workers),
-    matched by the `trial` tag each run is created with."""
-    from mlflow.tracking import MlflowClient
-
-    failed = {str(t.number) for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
-    if not failed:
-        return 0
-    client, fixed = MlflowClient(), 0
-    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
-        if run.data.tags.get("study") == study.study_name and run.data.tags.get("trial") in failed:
-            try:
-                client.set_tag(run.info.run_id, "state", "FAILED")
-                client.set_terminated(run.info.run_id, status="FAILED")
-                fixed += 1
-            except Exception:
-                continue  # deleted by hand, or ended by another worker meanwhile
-    return fixed
-
-
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-# A worker stops after this many failed trials in a row and reports the first error.
-MAX_FAILURES_IN_A_ROW = 3
-# Seconds a worker waits for a database that went away before it gives up.
-STORAGE_PATIENCE = 600
 
 
 def validate_sweep(opts: SweepOptions) -> None:
@@ -397,47 +321,17 @@ def sweep(opts: SweepOptions) -> str:
         print(f"not searched (pinned by --set): {', '.join(pinned)}", flush=True)
     run_trial = _trial_runner(opts, experiment_id, parent)
     deadline = time.monotonic() + opts.timeout if opts.timeout else math.inf
-    errors: list[str] = []
-    in_a_row = 0
-    away_since: float | None = None
-    try:
-        while time.monotonic() < deadline:
-            try:
-                fail_stale(study, opts.grace)
-                reconcile_failed_runs(study, experiment_id)
-                claim.acquire()
-                if counted(study) >= opts.n_trials:
-                    claim.release()
-                    if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                        break
-                    time.sleep(min(opts.heartbeat, 5))  # others' trials: a silent one will be failed, then rerun
-                    continue
-                error = _run_one(study, run_trial, claim, opts)
-                claim.release()
-                update_parent_run(study, parent)
-                away_since = None
-            except Exception as exc:
-                if not storage_unreachable(exc):
-                    raise
-                claim.reset()
-                away_since = away_since or time.monotonic()
-                if time.monotonic() - away_since > STORAGE_PATIENCE:
-                    raise UserError(f"storage {opts.storage or DEFAULT_STORAGE} unreachable for "
-                                    f"{STORAGE_PATIENCE} s — start the database and run the sweep again "
-                                    "(finished trials are kept)") from None
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
-                print(f"storage unreachable ({first}): waiting for the storage, retrying in 5 s", flush=True)
-                time.sleep(5)
-                continue
-            if error is not None:
-                errors.append(error)
-                in_a_row += 1
-                if in_a_row >= MAX_FAILURES_IN_A_ROW:
-                    raise UserError(f"{in_a_row} trials failed in a row, the first with: {errors[-in_a_row][:300]}")
-            else:
-                in_a_row = 0
-    finally:
-        claim.close()
+
+    def next_trial(study: optuna.Study) -> optuna.Trial | None:
+        return study.ask() if counted(study) < opts.n_trials else None
+
+    def after_trial(frozen: optuna.trial.FrozenTrial) -> None:
+        _print_trial(study, frozen)
+        update_parent_run(study, parent)
+
+    run_shared_trials(study, claim, next_trial, run_trial, WorkerSettings(
+        experiment_id=experiment_id, heartbeat=opts.heartbeat, grace=opts.grace, deadline=deadline,
+        storage=opts.storage or DEFAULT_STORAGE), after_trial)
     update_parent_run(study, parent, final=True)
     return summary(study)
 

@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import os
 import threading
 import time
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from .errors import UserError
 from .server import normalize_db_url
 
 # Optuna's retry callback is marked experimental, but it is Optuna's documented pattern.
@@ -212,3 +216,150 @@ def spawn_workers(argv: list[str], n: int) -> int:
             p.wait()
         raise
     return max(codes)
+
+
+# ---- the worker loop shared by `sweep` and `compare` ---------------------------------------------
+# A worker stops after this many failed trials in a row and reports the first error.
+MAX_FAILURES_IN_A_ROW = 3
+# Seconds a worker waits for a database that went away before it gives up.
+STORAGE_PATIENCE = 600
+
+
+@dataclass
+class WorkerSettings:
+    experiment_id: str  # MLflow experiment whose runs of failed trials are ended as FAILED
+    heartbeat: float
+    grace: float
+    deadline: float  # time.monotonic() after which no new trial is claimed
+    storage: str  # for messages
+    retry: bool = True  # enqueue a silent trial's parameters again (the sweep; compare re-picks cells itself)
+
+
+def ensure_parent_run(study: optuna.Study, experiment_id: str, run_name: str, tags: dict[str, str],
+                      settings: dict[str, Any]) -> str:
+    """The study's one parent MLflow run, made by the first worker and found by the others through
+    a study attribute. Call it with the claim lock held: workers start together."""
+    from mlflow.entities import Param as RunParam
+    from mlflow.tracking import MlflowClient
+
+    run_id = study.user_attrs.get("mlflow_parent_run_id")
+    if run_id:
+        return run_id
+    client = MlflowClient()
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    client.log_batch(run.info.run_id, params=[RunParam(k, str(v)) for k, v in settings.items()])
+    client.set_terminated(run.info.run_id, status="FINISHED")
+    study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
+    return run.info.run_id
+
+
+def reconcile_failed_runs(study: optuna.Study, experiment_id: str) -> int:
+    """End as FAILED the MLflow runs still RUNNING whose trial Optuna has failed (killed workers),
+    matched by the `trial` tag each run is created with."""
+    from mlflow.tracking import MlflowClient
+
+    failed = {str(t.number) for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    if not failed:
+        return 0
+    client, fixed = MlflowClient(), 0
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        if run.data.tags.get("study") == study.study_name and run.data.tags.get("trial") in failed:
+            try:
+                client.set_tag(run.info.run_id, "state", "FAILED")
+                client.set_terminated(run.info.run_id, status="FAILED")
+                fixed += 1
+            except Exception:
+                continue  # deleted by hand, or ended by another worker meanwhile
+    return fixed
+
+
+def tell_patiently(study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None) -> None:
+    """Tell a trial's end, waiting for a database that is away: a result is delayed, never lost."""
+    away_since = time.monotonic()
+    while True:
+        try:
+            study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+            return
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+            return  # failed meanwhile by another worker (it was silent past the grace period)
+        except Exception as exc:
+            if not storage_unreachable(exc) or time.monotonic() - away_since > STORAGE_PATIENCE:
+                raise
+            print(f"storage unreachable while trial {trial.number} ended: waiting for the storage, retrying in 5 s",
+                  flush=True)
+            time.sleep(5)
+
+
+def _run_one(study: optuna.Study, trial: optuna.Trial, run_trial: Callable[[optuna.Trial], float],
+             claim: ClaimLock, settings: WorkerSettings) -> tuple[FrozenTrial, str | None]:
+    """Run a claimed trial with a heartbeat and tell its end; the error of a failed trial, else None.
+    Ask and tell are ours, not `study.optimize`'s, so a database that is away when the trial ends
+    delays the tell instead of losing the result."""
+    value, error = None, None
+    with heartbeat(study, trial._trial_id, settings.heartbeat):  # noqa: SLF001
+        claim.release()  # the trial exists and beats: the next worker may count and claim
+        try:
+            value, state = run_trial(trial), TrialState.COMPLETE
+            if not math.isfinite(value):
+                state, error = TrialState.FAIL, f"objective is {value}"
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except Exception as exc:
+            state = TrialState.FAIL
+            error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        except KeyboardInterrupt:
+            tell_patiently(study, trial, TrialState.FAIL, None)  # stopped by hand: failed now, not after the grace
+            raise
+    tell_patiently(study, trial, state, value)
+    return study._storage.get_trial(trial._trial_id), error  # noqa: SLF001
+
+
+def run_shared_trials(study: optuna.Study, claim: ClaimLock, next_trial: Callable[[optuna.Study], optuna.Trial | None],
+                      run_trial: Callable[[optuna.Trial], float], settings: WorkerSettings,
+                      after_trial: Callable[[FrozenTrial], None]) -> None:
+    """One worker's loop over a study shared with others: fail silent trials (and their MLflow
+    runs), claim the next trial (`next_trial`, called with the claim held: a new trial, or None when
+    nothing is left to claim), run it, repeat; wait for the others' running trials to end before
+    leaving, since a silent one will be failed and rerun. A database that goes away is waited for,
+    up to STORAGE_PATIENCE seconds; MAX_FAILURES_IN_A_ROW failed trials end the worker."""
+    errors: list[str] = []
+    in_a_row = 0
+    away_since: float | None = None
+    try:
+        while time.monotonic() < settings.deadline:
+            try:
+                fail_stale(study, settings.grace, retry=settings.retry)
+                reconcile_failed_runs(study, settings.experiment_id)
+                claim.acquire()
+                trial = next_trial(study)
+                if trial is None:
+                    claim.release()
+                    if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+                        break
+                    time.sleep(min(settings.heartbeat, 5))  # others' trials: a silent one will be failed, then rerun
+                    continue
+                frozen, error = _run_one(study, trial, run_trial, claim, settings)
+                claim.release()
+                after_trial(frozen)
+                away_since = None
+            except Exception as exc:
+                if not storage_unreachable(exc):
+                    raise
+                claim.reset()
+                away_since = away_since or time.monotonic()
+                if time.monotonic() - away_since > STORAGE_PATIENCE:
+                    raise UserError(f"storage {settings.storage} unreachable for {STORAGE_PATIENCE} s — start the "
+                                    "database and run the command again (finished trials are kept)") from None
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+                print(f"storage unreachable ({first}): waiting for the storage, retrying in 5 s", flush=True)
+                time.sleep(5)
+                continue
+            if error is not None:
+                errors.append(error)
+                in_a_row += 1
+                if in_a_row >= MAX_FAILURES_IN_A_ROW:
+                    raise UserError(f"{in_a_row} trials failed in a row, the first with: {errors[-in_a_row][:300]}")
+            else:
+                in_a_row = 0
+    finally:
+        claim.close()

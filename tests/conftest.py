@@ -113,7 +113,7 @@ def pg_db(postgres, request):
     return postgres.create_db(re.sub(r"\W", "_", request.node.name.lower())[:60])
 
 
-def kill_once_training(cmd: list[str], storage: str, cwd: Path, timeout: float = 180) -> None:
+def kill_once_training(cmd: list[str], storage: str, cwd: Path, timeout: float = 180, study: str = "t") -> None:
     """Start the sweep `cmd`, wait until its first trial is RUNNING with its MLflow run open, then
     kill it with SIGKILL (its whole process group), as a crashed machine would."""
     import os
@@ -133,10 +133,10 @@ def kill_once_training(cmd: list[str], storage: str, cwd: Path, timeout: float =
             time.sleep(1)
             try:
                 opened = opened or open_storage(storage)  # once: one connection pool
-                trials = optuna.load_study(study_name="t", storage=opened).trials
+                trials = optuna.load_study(study_name=study, storage=opened).trials
             except Exception:
                 continue
-            if trials and trials[0].state == TrialState.RUNNING and "mlflow_run_id" in trials[0].user_attrs:
+            if any(t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs for t in trials):
                 return
         pytest.fail("the sweep never started a trial")
     finally:

@@ -18,8 +18,6 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from sklearn.model_selection import train_test_split
-from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from ..config import CIFAR_CLASSES, NORM_MEAN, NORM_STD, BuildConfig, GeometryConfig
@@ -33,6 +31,8 @@ METADATA_COLUMNS = ["split", "file", "label", "digit", "aligned", "cifar_index",
 def _resize(batch: torch.Tensor, size: int) -> torch.Tensor:
     if batch.shape[-1] == size:
         return batch
+    from torchvision.transforms.v2 import functional as TF  # here: seconds of imports, for building only
+
     return TF.resize(batch, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
 
 
@@ -90,6 +90,8 @@ def _split_indices(cifar: dict[str, SourceSplit], build: BuildConfig) -> dict[st
     if build.test_size > n_test:
         raise UserError(f"build.test_size={build.test_size} exceeds the {n_test} CIFAR-10 test images")
     try:
+        from sklearn.model_selection import train_test_split
+
         train_idx, val_idx = train_test_split(
             np.arange(n_train), train_size=build.train_size, test_size=build.val_size,
             stratify=train_labels, random_state=build.seed)

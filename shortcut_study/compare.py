@@ -1,0 +1,636 @@
+"""The shortcut-strength study: methods x training agreement rate x digit size x seeds, one command.
+
+A grid (a TOML file under `experiments/`) names the axes and one shared recipe. Every combination
+is a *cell*: one training run on a dataset built for the cell's agreement rate and digit size
+(cached under `data/` by a hash of its build configuration; val and test keep the digit independent
+of the label). Cells are the trials of one Optuna study with a `GridSampler`, in the sweep's storage,
+run by the sweep's worker loop (`trials.py`): several `compare` processes — on one host or many —
+share the grid, a killed cell is failed by its heartbeat and run again, a finished cell never is.
+Each cell is an MLflow child run under one parent run of the comparison.
+
+Aggregation reads the study: per (method, agreement, digit size), mean, standard deviation and a
+95 % Student-t interval over seeds of test accuracy (overall, digit-aligned, digit-conflicting,
+worst group) and of the aligned-conflicting and paired counterfactual gaps; cells not finished are
+shown as missing, never as zero.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import statistics
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from .config import Config, make_config
+from .errors import UserError, atomic_path, require_writable, write_text_atomic
+from .registry import METHODS
+from .study import DEFAULT_STORAGE, STUDIES, open_storage
+from .tracking import file_lock, init_tracking
+from .trials import ClaimLock, WorkerSettings, ensure_parent_run, run_shared_trials
+
+GRID_DIR = Path("experiments")
+DEFAULT_GRID = GRID_DIR / "compare.toml"
+AXES = ("methods", "agreements", "digit_sizes", "seeds")
+# A method entry "NAME+shuffle" adds digit-patch shuffle (the intervention that knows where the digit is).
+SHUFFLE = "+shuffle"
+# The test metrics aggregated per cell: name -> what the user attribute of a finished trial holds.
+METRICS = ("acc", "aligned_acc", "conflicting_acc", "worst_group_acc", "gap", "cf_gap")
+METRIC_TITLES = {"acc": "overall", "aligned_acc": "aligned", "conflicting_acc": "conflicting",
+                 "worst_group_acc": "worst group", "gap": "aligned − conflicting", "cf_gap": "counterfactual gap"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str  # a registered method, optionally with "+shuffle"
+    agreement: float
+    digit_size: int
+    seed: int
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} a={self.agreement:g} d={self.digit_size} seed={self.seed}"
+
+
+@dataclass
+class Grid:
+    name: str = "strength"
+    methods: tuple[str, ...] = ("erm", "erm+shuffle", "groupdro", "jtt")
+    agreements: tuple[float, ...] = (0.1, 0.64, 0.9, 0.99)
+    digit_sizes: tuple[int, ...] = (16, 8)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    preset: str = "methods"
+    recipe: dict[str, dict[str, Any]] = field(default_factory=dict)  # config sections over the preset
+    sets: tuple[str, ...] = ()  # `--set section.field=value` over the recipe
+
+    @property
+    def cells(self) -> list[Cell]:
+        return [Cell(m, a, d, s) for m in self.methods for a in self.agreements for d in self.digit_sizes
+                for s in self.seeds]
+
+    @property
+    def search_space(self) -> dict[str, list[Any]]:
+        return {"method": list(self.methods), "agreement": list(self.agreements),
+                "digit_size": list(self.digit_sizes), "seed": list(self.seeds)}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What makes two comparisons the same: the axes and the recipe a cell is trained with."""
+        return {**{axis: list(getattr(self, axis)) for axis in AXES}, "recipe": self.base_config().flat()}
+
+    def recipe_sets(self) -> list[str]:
+        """The recipe as `--set` items: over the preset, under the command line's."""
+        items = [f"{section}.{key}={str(value).lower() if isinstance(value, bool) else value}"
+                 for section, values in self.recipe.items() for key, value in values.items()]
+        return items + list(self.sets)
+
+    def base_config(self) -> Config:
+        return make_config(self.preset or None, self.recipe_sets())
+
+    def cell_config(self, cell: Cell) -> Config:
+        base = self.base_config()
+        method, shuffle = _split_method(cell.method)
+        canvas = base.geometry.canvas
+        sets = [f"train.method={method}", f"train.seed={cell.seed}", f"build.train_agreement={cell.agreement}",
+                f"geometry.digit_size={cell.digit_size}", f"geometry.digit_top={canvas - cell.digit_size}",
+                f"geometry.digit_left={canvas - cell.digit_size}"]
+        if shuffle:
+            sets.append("augment.digit_shuffle_p=1.0")
+        return make_config(self.preset or None, self.recipe_sets() + sets)
+
+    def validate(self) -> Grid:
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
+            raise UserError(f"grid name {self.name!r}: use letters, digits, '-', '_' or '.'")
+        for axis in AXES:
+            values = getattr(self, axis)
+            if not values:
+                raise UserError(f"grid axis {axis} is empty: give at least one value")
+            if len(set(values)) != len(values):
+                raise UserError(f"grid axis {axis} repeats a value ({list(values)}): list each once")
+        for entry in self.methods:
+            method, _ = _split_method(entry)
+            if method not in METHODS:
+                raise UserError(f"unknown method {entry!r} in the grid: choose among {', '.join(METHODS.names())} "
+                                f"(add '{SHUFFLE}' for digit shuffle)")
+        for a in self.agreements:
+            if not 0.1 <= a <= 1.0:
+                raise UserError(f"grid agreement {a} is outside [0.1, 1]: 0.1 = no shortcut (the digit is "
+                                "independent of the label), 1 = the digit always agrees")
+        base = self.base_config()
+        geom = base.geometry
+        room = geom.canvas - max(geom.cifar_top + geom.cifar_size, geom.cifar_left + geom.cifar_size)
+        for d in self.digit_sizes:
+            if not 4 <= d <= room:
+                raise UserError(f"grid digit size {d} does not fit the {geom.canvas}px canvas beside the "
+                                f"{geom.cifar_size}px CIFAR image: use 4..{room}")
+        for s in self.seeds:
+            if s < 0:
+                raise UserError(f"grid seed {s}: seeds are integers >= 0")
+        for cell in (self.cells[0], self.cells[-1]):
+            self.cell_config(cell)  # a bad recipe value fails here, before any cell
+        return self
+
+
+def _split_method(entry: str) -> tuple[str, bool]:
+    return (entry[: -len(SHUFFLE)], True) if entry.endswith(SHUFFLE) else (entry, False)
+
+
+def _axis(name: str, value: Any, kind: type) -> tuple[Any, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise UserError(f"grid axis {name} must be a list, e.g. {name} = [{'1, 2' if kind is not str else chr(34) + 'erm' + chr(34)}]")
+    out = []
+    for item in items:
+        try:
+            if kind is str:
+                if not isinstance(item, str):
+                    raise ValueError
+                out.append(item.strip())
+            elif kind is int:
+                if isinstance(item, bool) or float(item) != int(float(item)):
+                    raise ValueError
+                out.append(int(float(item)))
+            else:
+                if isinstance(item, bool):
+                    raise ValueError
+                out.append(float(item))
+        except (TypeError, ValueError):
+            raise UserError(f"grid axis {name}: {item!r} is not a{'n' if kind is int else ''} "
+                            f"{kind.__name__}") from None
+    return tuple(out)
+
+
+AXIS_TYPES = {"methods": str, "agreements": float, "digit_sizes": int, "seeds": int}
+
+
+def load_grid(path: str | Path | None = None, sets: list[str] | tuple[str, ...] = ()) -> Grid:
+    """The grid file (default `experiments/compare.toml`) with `--set` overrides: an axis or the
+    name (`--set seeds=0,1`, `--set name=mine`) or a recipe value (`--set train.epochs=2`)."""
+    path = Path(path) if path else DEFAULT_GRID
+    if not path.suffix and not path.exists():
+        path = GRID_DIR / f"{path}.toml"
+    if not path.is_file():
+        raise UserError(f"grid file not found: {path} — give --grid FILE.toml (see experiments/compare.toml)")
+    try:
+        tree = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"grid file {path} is not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read grid file {path}: {exc}") from None
+    grid = Grid()
+    for key, value in tree.items():
+        if key in AXIS_TYPES:
+            setattr(grid, key, _axis(key, value, AXIS_TYPES[key]))
+        elif key in ("name", "preset"):
+            if not isinstance(value, str):
+                raise UserError(f"grid {key} in {path} must be a string")
+            setattr(grid, key, value)
+        elif key == "recipe":
+            if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+                raise UserError(f"grid recipe in {path} must hold [recipe.SECTION] tables, e.g. [recipe.train]")
+            grid.recipe = value
+        else:
+            raise UserError(f"unknown key {key!r} in grid file {path}: keys are name, preset, "
+                            f"{', '.join(AXES)} and [recipe.SECTION] tables")
+    recipe_sets = []
+    for item in sets:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise UserError(f"--set {item!r}: write it as KEY=VALUE (an axis: {', '.join(AXES)}; or section.field)")
+        if key in AXIS_TYPES:
+            setattr(grid, key, _axis(key, value, AXIS_TYPES[key]))
+        elif key in ("name", "preset"):
+            setattr(grid, key, value.strip())
+        else:
+            recipe_sets.append(item)
+    grid.sets = tuple(recipe_sets)
+    return grid.validate()
+
+
+# ---- datasets, one per distinct (build, geometry) ----------------------------------------------------
+
+def _source_identity(src: str | Path) -> str:
+    p = Path(src)
+    if p.is_file():
+        st = p.stat()
+        return f"{p.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+    return str(p.resolve()) if p.exists() else str(src)
+
+
+def dataset_dir(cfg: Config, sources: tuple[str, str], root: Path) -> Path:
+    """Where the dataset a cell trains on lives: `root/strength-HASH`, HASH over the build and
+    geometry configuration and the two sources."""
+    key = {"build": asdict(cfg.build), "geometry": asdict(cfg.geometry),
+           "sources": [_source_identity(s) for s in sources]}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return root / f"strength-{digest}"
+
+
+def ensure_dataset(cfg: Config, sources: tuple[str, str], root: Path, download: bool = False) -> Path:
+    """The cell's dataset, built once (under a lock: processes on one host wait for one build)."""
+    from .data.composite import build_dataset
+
+    out = dataset_dir(cfg, sources, root)
+    if (out / "metadata.csv").is_file():
+        return out
+    with file_lock(root / f".{out.name}.lock"):
+        if not (out / "metadata.csv").is_file():
+            print(f"building {out} (agreement {cfg.build.train_agreement:g}, digit {cfg.geometry.digit_size} px)",
+                  flush=True)
+            build_dataset(sources[0], sources[1], out, cfg.build, cfg.geometry, download=download, quiet=True)
+            write_text_atomic(out.with_suffix(".json"), json.dumps(
+                {"build": asdict(cfg.build), "geometry": asdict(cfg.geometry), "sources": list(sources)}, indent=2))
+    return out
+
+
+# ---- running the grid ----------------------------------------------------------------------------------
+
+@dataclass
+class CompareOptions:
+    grid: Grid
+    cifar: str
+    mnist: str
+    download: bool = False
+    data_root: Path = Path("data")
+    storage: str | None = None
+    tracking_uri: str | None = None
+    out: Path = Path("results") / "compare"
+    timeout: float | None = None
+    heartbeat: int = 30
+    grace: int = 90
+
+    @property
+    def study(self) -> str:
+        return f"compare-{self.grid.name}"
+
+
+def open_comparison(opts: CompareOptions, create: bool = True) -> optuna.Study:
+    """The comparison's study, made by the first process; refused if the storage holds a comparison
+    of this name with another grid."""
+    storage = open_storage(opts.storage)
+    fingerprint = json.loads(json.dumps(opts.grid.fingerprint()))  # as it reads back from storage
+    # One seed for every process: the sampler shuffles the grid by it, and a trial's grid id must
+    # name the same cell in every process.
+    sampler = CellSampler(opts.grid.search_space, seed=0)
+    where = opts.storage or DEFAULT_STORAGE
+    if not create:
+        try:
+            study = optuna.load_study(study_name=opts.study, storage=storage, sampler=sampler)
+        except KeyError:
+            raise UserError(f"no comparison {opts.grid.name!r} in {where} — run `make compare` first") from None
+    else:
+        try:
+            study = optuna.create_study(study_name=opts.study, storage=storage, sampler=sampler, direction="maximize")
+            study.set_user_attr("grid", fingerprint)
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(study_name=opts.study, storage=storage, sampler=sampler)
+    stored = study.user_attrs.get("grid")
+    for _ in range(50):  # the creator may not have written it yet
+        if stored is not None:
+            break
+        time.sleep(0.2)
+        stored = optuna.load_study(study_name=opts.study, storage=storage).user_attrs.get("grid")
+    if stored != fingerprint:
+        differs = sorted(k for k in set(fingerprint) | set(stored or {}) if (stored or {}).get(k) != fingerprint.get(k))
+        if "recipe" in differs:
+            ours, theirs = fingerprint["recipe"], (stored or {}).get("recipe", {})
+            differs[differs.index("recipe")] = "recipe (" + ", ".join(
+                k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k))[:200] + ")"
+        raise UserError(f"{where} already holds comparison {opts.grid.name!r} with another grid (differs in "
+                        f"{', '.join(differs)}) — give it another name (--set name=…) or use the same grid")
+    return study
+
+
+def _cell_of(params: dict[str, Any]) -> Cell | None:
+    try:
+        return Cell(str(params["method"]), float(params["agreement"]), int(params["digit_size"]), int(params["seed"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+class CellSampler(optuna.samplers.GridSampler):
+    """Optuna's GridSampler, less its stop at the grid's end: `Study.stop` is only valid inside
+    `study.optimize`, and our ask/tell worker loop (`next_cell`) knows when the grid is done."""
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, state: TrialState,
+                    values: list[float] | None) -> None:
+        pass
+
+
+def next_cell(study: optuna.Study, grid: Grid) -> optuna.Trial | None:
+    """The next cell to run (called with the claim held), or None when every cell is finished or
+    running: a cell no trial has had yet, picked by the GridSampler; else a cell whose trial failed
+    (its run raised, or its worker was killed and its heartbeat went silent), enqueued again."""
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.WAITING for t in trials):
+        return study.ask()  # an enqueued cell whose process died before asking for it
+    taken = {_cell_of(t.params) for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING)}
+    missing = [c for c in grid.cells if c not in taken]
+    if not missing:
+        return None
+    # What the GridSampler counts as visited: grid ids of finished or running trials. While any
+    # grid id is left, it picks one of those; never a cell another worker runs.
+    visited = {t.system_attrs.get("grid_id") for t in trials if t.state.is_finished() or t.state == TrialState.RUNNING}
+    if len(visited - {None}) < len(grid.cells):
+        return study.ask()
+    study.enqueue_trial(missing[0].params, skip_if_exists=False)
+    return study.ask()
+
+
+def _cell_runner(opts: CompareOptions, experiment_id: str, parent: str):
+    import mlflow
+
+    from .diagnostics import test_scores
+    from .evaluate import confusion
+    from .tracking import device_tag, git_commit, log_confusion, log_epoch
+    from .train import fit
+
+    space = opts.grid.search_space
+
+    def run_cell(trial: optuna.Trial) -> float:
+        cell = Cell(**{axis: trial.suggest_categorical(axis, choices) for axis, choices in space.items()})
+        cfg = opts.grid.cell_config(cell)
+        data = ensure_dataset(cfg, (opts.cifar, opts.mnist), opts.data_root, opts.download)
+        run_dir = STUDIES / opts.study / f"cell-{trial.number:04d}"
+        tags = {"study": opts.study, "trial": str(trial.number), "role": "cell", "git_commit": git_commit(),
+                "device": device_tag(), **{f"cell.{k}": str(v) for k, v in cell.params.items()}}
+        started = time.monotonic()
+        with mlflow.start_run(experiment_id=experiment_id, run_name=cell.label, tags=tags, parent_run_id=parent,
+                              nested=True) as run:
+            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            mlflow.log_params({**cfg.flat(), **{f"cell.{k}": v for k, v in cell.params.items()},
+                               "trial_number": trial.number, "data": str(data)})
+            try:
+                result = fit(cfg, data, run_dir, on_epoch=lambda epoch, record: log_epoch(record), quiet=True)
+                tm, preds, labels = test_scores(run_dir, data)
+            except Exception as exc:
+                mlflow.set_tags({"state": "FAILED", "error": str(exc)[:500]})
+                mlflow.end_run(status="FAILED")
+                raise
+            if not tm:
+                raise UserError(f"{data}/test has no labels: the comparison scores cells on the labelled test split")
+            seconds = time.monotonic() - started
+            scores = {"acc": tm["acc"], "aligned_acc": tm.get("aligned_acc", math.nan),
+                      "conflicting_acc": tm.get("conflicting_acc", math.nan),
+                      "worst_group_acc": tm.get("worst_group_acc", math.nan),
+                      "gap": tm.get("aligned_acc", math.nan) - tm.get("conflicting_acc", math.nan),
+                      "cf_gap": tm.get("cf_aligned_acc", math.nan) - tm.get("cf_conflicting_acc", math.nan)}
+            mlflow.log_metrics({f"test_{k}": v for k, v in scores.items() if math.isfinite(v)}
+                               | {"cell_seconds": seconds, "total_train_seconds": result.train_seconds,
+                                  "median_images_per_s": result.images_per_s})
+            log_confusion(confusion(preds, labels), "test_confusion")
+            mlflow.set_tag("state", "COMPLETE")
+            for key, value in scores.items():
+                trial.set_user_attr(key, value)
+            trial.set_user_attr("seconds", seconds)
+            return float(tm["acc"])
+
+    return run_cell
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{max(minutes, 1)} min"
+
+
+def progress_line(study: optuna.Study, grid: Grid, frozen: optuna.trial.FrozenTrial) -> str:
+    """One line per finished cell, with the cells left and an estimate of the time to finish."""
+    cell = _cell_of(frozen.params)
+    label = cell.label if cell else f"trial {frozen.number}"
+    trials = study.get_trials(deepcopy=False)
+    done = {_cell_of(t.params) for t in trials if t.state == TrialState.COMPLETE}
+    left = len([c for c in grid.cells if c not in done])
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    times = [t.user_attrs["seconds"] for t in trials if t.state == TrialState.COMPLETE and "seconds" in t.user_attrs]
+    eta = left * statistics.median(times) / max(1, running + 1) if times else math.nan
+    if frozen.state == TrialState.COMPLETE:
+        ua = frozen.user_attrs
+        what = f"test {ua.get('acc', math.nan):.2f} %, conflicting {ua.get('conflicting_acc', math.nan):.2f} %"
+    else:
+        what = frozen.state.name.lower()
+    secs = frozen.user_attrs.get("seconds")
+    if secs is None and frozen.datetime_complete and frozen.datetime_start:
+        secs = (frozen.datetime_complete - frozen.datetime_start).total_seconds()
+    return (f"cell {label}: {what} ({secs or math.nan:.0f} s) — {len(grid.cells) - left}/{len(grid.cells)} done, "
+            f"{left} left" + (f", about {_duration(eta)} to go" if left else ""))
+
+
+def compare(opts: CompareOptions) -> str:
+    """Run (or join, or resume) the comparison until every cell is finished or `timeout` passes;
+    then aggregate what is finished into `opts.out`."""
+    for what, src in (("--cifar", opts.cifar), ("--mnist", opts.mnist)):
+        if not opts.download and not Path(src).exists():
+            raise UserError(f"{what} {src} not found — give the CIFAR-10 / MNIST archive or folder, or --download")
+    for name, value, low in (("--heartbeat", opts.heartbeat, 1), ("--grace", opts.grace, opts.heartbeat + 1)):
+        if value < low:
+            raise UserError(f"{name} must be >= {low} (got {value})")
+    if opts.timeout is not None and opts.timeout < 0:
+        raise UserError(f"--timeout must be >= 0 seconds, 0 = none (got {opts.timeout})")
+    require_writable(opts.out, "folder")
+    require_writable(opts.data_root, "folder")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_comparison(opts)
+    experiment_id = init_tracking(opts.tracking_uri, opts.study)
+    claim = ClaimLock(opts.storage or DEFAULT_STORAGE, opts.study)
+    claim.acquire()  # processes starting together: one makes the parent run, the others find it
+    try:
+        grid = opts.grid
+        parent = ensure_parent_run(study, experiment_id, f"compare {grid.name}", {"study": opts.study, "role": "comparison"},
+                                   {"methods": ",".join(grid.methods), "agreements": ",".join(map(str, grid.agreements)),
+                                    "digit_sizes": ",".join(map(str, grid.digit_sizes)),
+                                    "seeds": ",".join(map(str, grid.seeds)), "preset": grid.preset,
+                                    "cells": len(grid.cells),
+                                    **{k: v for k, v in grid.base_config().flat().items()
+                                       if k.startswith(("train.", "augment."))}})
+    finally:
+        claim.release()
+    print(f"comparison {opts.grid.name}: {len(opts.grid.cells)} cells in {opts.storage or DEFAULT_STORAGE}", flush=True)
+    deadline = time.monotonic() + opts.timeout if opts.timeout else math.inf
+    run_shared_trials(study, claim, lambda s: next_cell(s, opts.grid), _cell_runner(opts, experiment_id, parent),
+                      WorkerSettings(experiment_id=experiment_id, heartbeat=opts.heartbeat, grace=opts.grace,
+                                     deadline=deadline, storage=opts.storage or DEFAULT_STORAGE,
+                                     retry=False),  # a failed cell is enqueued again by next_cell
+                      lambda frozen: print(progress_line(study, opts.grid, frozen), flush=True))
+    return write_results(study, opts.grid, opts.out, parent)
+
+
+# ---- aggregation -----------------------------------------------------------------------------------------
+
+def cell_table(study: optuna.Study, grid: Grid) -> pd.DataFrame:
+    """One row per grid cell: its state (complete, running, failed, missing) and test metrics."""
+    by_cell: dict[Cell, optuna.trial.FrozenTrial] = {}
+    rank = {TrialState.COMPLETE: 3, TrialState.RUNNING: 2, TrialState.WAITING: 1, TrialState.FAIL: 0}
+    for t in study.get_trials(deepcopy=False):
+        cell = _cell_of(t.params)
+        if cell is None or cell not in grid.cells:
+            continue
+        held = by_cell.get(cell)
+        if held is None or rank.get(t.state, 0) > rank.get(held.state, 0):
+            by_cell[cell] = t
+    rows = []
+    for cell in grid.cells:
+        t = by_cell.get(cell)
+        state = "missing" if t is None else {TrialState.COMPLETE: "complete", TrialState.RUNNING: "running",
+                                             TrialState.WAITING: "waiting"}.get(t.state, "failed")
+        row: dict[str, Any] = {**cell.params, "state": state, "trial": t.number if t else None}
+        for key in (*METRICS, "seconds"):
+            row[key] = float(t.user_attrs.get(key, math.nan)) if state == "complete" else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _interval(values: np.ndarray) -> tuple[float, float, float, float]:
+    """mean, sd, and the 95 % Student-t interval (NaN sd / interval from fewer than two values)."""
+    from scipy import stats
+
+    n = len(values)
+    if n == 0:
+        return (math.nan,) * 4
+    mean = float(values.mean())
+    if n < 2:
+        return mean, math.nan, math.nan, math.nan
+    sd = float(values.std(ddof=1))
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return mean, sd, mean - half, mean + half
+
+
+def summarize(cells: pd.DataFrame, seeds: int) -> pd.DataFrame:
+    """Per (method, agreement, digit size): seeds finished of `seeds`, then mean / sd / 95 % interval
+    of every metric over the finished seeds."""
+    rows = []
+    for (method, agreement, digit), group in cells.groupby(["method", "agreement", "digit_size"], sort=False):
+        done = group[group["state"] == "complete"]
+        row: dict[str, Any] = {"method": method, "agreement": agreement, "digit_size": digit,
+                               "seeds_done": len(done), "seeds": seeds}
+        for key in METRICS:
+            mean, sd, lo, hi = _interval(done[key].dropna().to_numpy(dtype=float))
+            row |= {f"{key}_mean": mean, f"{key}_sd": sd, f"{key}_ci_low": lo, f"{key}_ci_high": hi}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _fmt(row: pd.Series, key: str) -> str:
+    mean, sd = row[f"{key}_mean"], row[f"{key}_sd"]
+    if not math.isfinite(mean):
+        return "missing"
+    text = f"{mean:.1f}" + (f" ± {sd:.1f}" if math.isfinite(sd) else "")
+    if key in ("conflicting_acc", "gap") and math.isfinite(row[f"{key}_ci_low"]):
+        text += f" [{row[f'{key}_ci_low']:.1f}, {row[f'{key}_ci_high']:.1f}]"
+    return text
+
+
+def summary_markdown(summary: pd.DataFrame, grid: Grid, cells: pd.DataFrame) -> str:
+    lines = ["| method | agreement | digit px | seeds | overall | aligned | conflicting [95 % CI] | gap [95 % CI] "
+             "| worst group | cf gap |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for _, r in summary.iterrows():
+        seeds = f"{r['seeds_done']}/{r['seeds']}"
+        lines.append(f"| {r['method']} | {r['agreement']:g} | {r['digit_size']} | {seeds} | {_fmt(r, 'acc')} | "
+                     f"{_fmt(r, 'aligned_acc')} | {_fmt(r, 'conflicting_acc')} | {_fmt(r, 'gap')} | "
+                     f"{_fmt(r, 'worst_group_acc')} | {_fmt(r, 'cf_gap')} |")
+    checks = []
+    for _, r in summary[summary["agreement"] == min(grid.agreements)].iterrows():
+        lo, hi = r["gap_ci_low"], r["gap_ci_high"]
+        if min(grid.agreements) <= 0.1 + 1e-9 and math.isfinite(lo):
+            inside = lo <= 0 <= hi
+            checks.append(f"- {r['method']}, {r['digit_size']} px, agreement 0.1 (no shortcut): gap "
+                          f"{r['gap_mean']:.1f} [{lo:.1f}, {hi:.1f}] — {'no gap beyond its interval' if inside else 'a gap beyond its interval'}")
+    done = int((cells["state"] == "complete").sum())
+    return "\n".join([f"{done} of {len(cells)} cells finished; mean ± sd over seeds, 95 % Student-t interval in "
+                      "brackets (two or more seeds). Test accuracy (%) on the unbiased test set.", "", *lines,
+                      *(["", "No-shortcut cells (the gap should be zero within its interval):", *checks] if checks else [])])
+
+
+def strength_figures(summary: pd.DataFrame) -> dict[str, Any]:
+    """Three figures, a panel per digit size, a line per method with 95 % interval error bars:
+    conflicting accuracy, the aligned-conflicting gap and overall accuracy vs the agreement rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = {}
+    sizes = sorted(summary["digit_size"].unique(), reverse=True)
+    for name, key, ylabel in (("conflicting_vs_agreement", "conflicting_acc", "conflicting test accuracy (%)"),
+                              ("gap_vs_agreement", "gap", "aligned − conflicting accuracy (points)"),
+                              ("overall_vs_agreement", "acc", "overall test accuracy (%)")):
+        fig, axes = plt.subplots(1, len(sizes), figsize=(5.2 * len(sizes), 4.2), squeeze=False, sharey=True)
+        for ax, size in zip(axes[0], sizes):
+            panel = summary[summary["digit_size"] == size]
+            for method, rows in panel.groupby("method", sort=False):
+                rows = rows.sort_values("agreement")
+                ok = rows[np.isfinite(rows[f"{key}_mean"])]
+                err = np.nan_to_num(np.vstack([ok[f"{key}_mean"] - ok[f"{key}_ci_low"],
+                                               ok[f"{key}_ci_high"] - ok[f"{key}_mean"]]))
+                ax.errorbar(ok["agreement"], ok[f"{key}_mean"], yerr=err, marker="o", capsize=3, label=method)
+            if key == "gap":
+                ax.axhline(0, color="gray", lw=0.8)
+            ax.set_title(f"digit {size} px")
+            ax.set_xlabel("training agreement rate (digit = label)")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel(ylabel)
+        axes[0][-1].legend(fontsize=8)
+        fig.suptitle(f"{METRIC_TITLES[key]} vs shortcut strength (mean over seeds, 95 % interval)", fontsize=10)
+        fig.tight_layout()
+        figures[name] = fig
+    return figures
+
+
+def write_results(study: optuna.Study, grid: Grid, out: Path, parent: str | None = None) -> str:
+    """cells.csv, summary.csv, summary.md and the three plots into `out` (each file written whole),
+    also logged to the parent run; returns the Markdown table."""
+    import matplotlib.pyplot as plt
+
+    out = require_writable(out, "folder")
+    out.mkdir(parents=True, exist_ok=True)
+    cells = cell_table(study, grid)
+    summary = summarize(cells, len(grid.seeds))
+    table = summary_markdown(summary, grid, cells)
+    with atomic_path(out / "cells.csv") as tmp:
+        cells.to_csv(tmp, index=False)
+    with atomic_path(out / "summary.csv") as tmp:
+        summary.to_csv(tmp, index=False)
+    recipe = ", ".join(f"{k}={v}" for k, v in grid.base_config().flat().items()
+                       if k.startswith(("train.", "augment.")) and k not in ("train.method", "train.seed"))
+    write_text_atomic(out / "summary.md", f"# Comparison `{grid.name}`\n\nMethods {', '.join(grid.methods)}; agreement "
+                      f"{', '.join(map(str, grid.agreements))}; digit {', '.join(map(str, grid.digit_sizes))} px; seeds "
+                      f"{', '.join(map(str, grid.seeds))}.\n\nRecipe (preset `{grid.preset}`): {recipe}\n\n{table}\n")
+    paths = [out / "cells.csv", out / "summary.csv", out / "summary.md"]
+    for name, fig in strength_figures(summary).items():
+        with atomic_path(out / f"{name}.png") as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+        plt.close(fig)
+        paths.append(out / f"{name}.png")
+    if parent:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        for path in paths:
+            client.log_artifact(parent, str(path))
+        done = int((cells["state"] == "complete").sum())
+        client.log_metric(parent, "cells_done", done, step=done)
+    return table
+
+
+def aggregate(opts: CompareOptions) -> str:
+    """Tables and plots from the storage alone (what is finished so far), without running a cell."""
+    study = open_comparison(opts, create=False)
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    if parent:
+        init_tracking(opts.tracking_uri, opts.study)
+    return write_results(study, opts.grid, opts.out, parent)
