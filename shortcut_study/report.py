@@ -291,6 +291,19 @@ def sweep_pages(report: Report, study_name: str, storage: str | None) -> None:
             pass
 
 
+def compare_pages(report: Report, folder: Path) -> None:
+    """The shortcut-strength comparison's plots, when `folder` holds one (`shortcut-study compare`)."""
+    from .compare_results import read_summary, strength_figures, strength_sentence
+
+    if not (folder / "summary.csv").is_file():
+        return
+    summary = read_summary(folder / "summary.csv")
+    text = strength_sentence(summary)
+    for name, fig in strength_figures(summary).items():
+        report.add(f"compare_{name}", fig, text if name.startswith("conflicting") else
+                   "Mean over seeds with 95 % Student-t intervals; a missing point is a cell not yet run.")
+
+
 # ---- the report ---------------------------------------------------------------------------------
 
 def _checkpoint_and_run(checkpoint: str | Path | None, out: Path) -> tuple[Path, dict]:
@@ -381,6 +394,7 @@ def build_report(checkpoint: str | Path | None = None, data: str | Path = "data/
                                 f"of the decision {diag.quadrant_share['CIFAR patch']:.0f} %")
         if study:
             sweep_pages(rep, study, storage)
+        compare_pages(rep, out / "compare")
         rep.publish()
     except BaseException:
         rep.discard()

@@ -16,7 +16,8 @@ import pytest
 from optuna.trial import TrialState
 
 from shortcut_study.cli import main
-from shortcut_study.compare import CompareOptions, load_grid, write_results
+from shortcut_study.compare import CompareOptions, load_grid
+from shortcut_study.compare_results import write_results
 from shortcut_study.study import open_storage
 
 from .conftest import kill_once_training

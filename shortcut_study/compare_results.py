@@ -1,0 +1,216 @@
+"""The shortcut-strength comparison's results: a row per cell, the aggregate per (method,
+agreement, digit size) with a 95 % Student-t interval over seeds, the Markdown table and the
+three plots (`compare.py` runs the cells; `report.py` draws these plots on a page of its own).
+Cells not finished are shown as missing, never as zero."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from .errors import UserError, atomic_path, require_writable, write_text_atomic
+
+if TYPE_CHECKING:
+    from .compare import Grid
+
+# The test metrics aggregated per cell, as a finished cell's trial holds them (user attributes).
+METRICS = ("acc", "aligned_acc", "conflicting_acc", "worst_group_acc", "gap", "cf_gap")
+METRIC_TITLES = {"acc": "overall", "aligned_acc": "aligned", "conflicting_acc": "conflicting",
+                 "worst_group_acc": "worst group", "gap": "aligned − conflicting", "cf_gap": "counterfactual gap"}
+
+
+def cell_key(params: dict[str, Any]) -> tuple[str, float, int, int] | None:
+    """(method, agreement, digit size, seed) of a trial's parameters, as a grid's Cell holds them."""
+    try:
+        return str(params["method"]), float(params["agreement"]), int(params["digit_size"]), int(params["seed"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def cell_table(study: optuna.Study, grid: Grid) -> pd.DataFrame:
+    """One row per grid cell: its state (complete, running, failed, missing) and test metrics."""
+    by_cell: dict[tuple, optuna.trial.FrozenTrial] = {}
+    keys = [tuple(cell.params.values()) for cell in grid.cells]
+    rank = {TrialState.COMPLETE: 3, TrialState.RUNNING: 2, TrialState.WAITING: 1, TrialState.FAIL: 0}
+    for t in study.get_trials(deepcopy=False):
+        cell = cell_key(t.params)
+        if cell is None or cell not in keys:
+            continue
+        held = by_cell.get(cell)
+        if held is None or rank.get(t.state, 0) > rank.get(held.state, 0):
+            by_cell[cell] = t
+    rows = []
+    for cell, key in zip(grid.cells, keys):
+        t = by_cell.get(key)
+        state = "missing" if t is None else {TrialState.COMPLETE: "complete", TrialState.RUNNING: "running",
+                                             TrialState.WAITING: "waiting"}.get(t.state, "failed")
+        row: dict[str, Any] = {**cell.params, "state": state, "trial": t.number if t else None}
+        for metric in (*METRICS, "seconds"):
+            row[metric] = float(t.user_attrs.get(metric, math.nan)) if state == "complete" else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _interval(values: np.ndarray) -> tuple[float, float, float, float]:
+    """mean, sd, and the 95 % Student-t interval (NaN sd / interval from fewer than two values)."""
+    from scipy import stats
+
+    n = len(values)
+    if n == 0:
+        return (math.nan,) * 4
+    mean = float(values.mean())
+    if n < 2:
+        return mean, math.nan, math.nan, math.nan
+    sd = float(values.std(ddof=1))
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return mean, sd, mean - half, mean + half
+
+
+def summarize(cells: pd.DataFrame, seeds: int) -> pd.DataFrame:
+    """Per (method, agreement, digit size): seeds finished of `seeds`, then mean / sd / 95 % interval
+    of every metric over the finished seeds."""
+    rows = []
+    for (method, agreement, digit), group in cells.groupby(["method", "agreement", "digit_size"], sort=False):
+        done = group[group["state"] == "complete"]
+        row: dict[str, Any] = {"method": method, "agreement": agreement, "digit_size": digit,
+                               "seeds_done": len(done), "seeds": seeds}
+        for key in METRICS:
+            mean, sd, lo, hi = _interval(done[key].dropna().to_numpy(dtype=float))
+            row |= {f"{key}_mean": mean, f"{key}_sd": sd, f"{key}_ci_low": lo, f"{key}_ci_high": hi}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _fmt(row: pd.Series, key: str) -> str:
+    mean, sd = row[f"{key}_mean"], row[f"{key}_sd"]
+    if not math.isfinite(mean):
+        return "missing"
+    text = f"{mean:.1f}" + (f" ± {sd:.1f}" if math.isfinite(sd) else "")
+    if key in ("conflicting_acc", "gap") and math.isfinite(row[f"{key}_ci_low"]):
+        text += f" [{row[f'{key}_ci_low']:.1f}, {row[f'{key}_ci_high']:.1f}]"
+    return text
+
+
+def summary_markdown(summary: pd.DataFrame, grid: Grid, cells: pd.DataFrame) -> str:
+    lines = ["| method | agreement | digit px | seeds | overall | aligned | conflicting [95 % CI] | gap [95 % CI] "
+             "| worst group | cf gap |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for _, r in summary.iterrows():
+        seeds = f"{r['seeds_done']}/{r['seeds']}"
+        lines.append(f"| {r['method']} | {r['agreement']:g} | {r['digit_size']} | {seeds} | {_fmt(r, 'acc')} | "
+                     f"{_fmt(r, 'aligned_acc')} | {_fmt(r, 'conflicting_acc')} | {_fmt(r, 'gap')} | "
+                     f"{_fmt(r, 'worst_group_acc')} | {_fmt(r, 'cf_gap')} |")
+    checks = []
+    for _, r in summary[summary["agreement"] == min(grid.agreements)].iterrows():
+        lo, hi = r["gap_ci_low"], r["gap_ci_high"]
+        if min(grid.agreements) <= 0.1 + 1e-9 and math.isfinite(lo):
+            inside = lo <= 0 <= hi
+            checks.append(f"- {r['method']}, {r['digit_size']} px, agreement 0.1 (no shortcut): gap "
+                          f"{r['gap_mean']:.1f} [{lo:.1f}, {hi:.1f}] — {'no gap beyond its interval' if inside else 'a gap beyond its interval'}")
+    done = int((cells["state"] == "complete").sum())
+    return "\n".join([f"{done} of {len(cells)} cells finished; mean ± sd over seeds, 95 % Student-t interval in "
+                      "brackets (two or more seeds). Test accuracy (%) on the unbiased test set.", "", *lines,
+                      *(["", "No-shortcut cells (the gap should be zero within its interval):", *checks] if checks else [])])
+
+
+def strength_figures(summary: pd.DataFrame) -> dict[str, Any]:
+    """Three figures, a panel per digit size, a line per method with 95 % interval error bars:
+    conflicting accuracy, the aligned-conflicting gap and overall accuracy vs the agreement rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = {}
+    sizes = sorted(summary["digit_size"].unique(), reverse=True)
+    for name, key, ylabel in (("conflicting_vs_agreement", "conflicting_acc", "conflicting test accuracy (%)"),
+                              ("gap_vs_agreement", "gap", "aligned − conflicting accuracy (points)"),
+                              ("overall_vs_agreement", "acc", "overall test accuracy (%)")):
+        fig, axes = plt.subplots(1, len(sizes), figsize=(5.2 * len(sizes), 4.2), squeeze=False, sharey=True)
+        for ax, size in zip(axes[0], sizes):
+            panel = summary[summary["digit_size"] == size]
+            for method, rows in panel.groupby("method", sort=False):
+                rows = rows.sort_values("agreement")
+                ok = rows[np.isfinite(rows[f"{key}_mean"])]
+                err = np.nan_to_num(np.vstack([ok[f"{key}_mean"] - ok[f"{key}_ci_low"],
+                                               ok[f"{key}_ci_high"] - ok[f"{key}_mean"]]))
+                ax.errorbar(ok["agreement"], ok[f"{key}_mean"], yerr=err, marker="o", capsize=3, label=method)
+            if key == "gap":
+                ax.axhline(0, color="gray", lw=0.8)
+            ax.set_title(f"digit {size} px")
+            ax.set_xlabel("training agreement rate (digit = label)")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel(ylabel)
+        axes[0][-1].legend(fontsize=8)
+        fig.suptitle(f"{METRIC_TITLES[key]} vs shortcut strength (mean over seeds, 95 % interval)", fontsize=10)
+        fig.tight_layout()
+        figures[name] = fig
+    return figures
+
+
+def read_summary(path: Path) -> pd.DataFrame:
+    """A summary.csv written by `write_results`, checked."""
+    try:
+        summary = pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise UserError(f"cannot read {path}: {str(exc)[:120]} — rewrite it with `shortcut-study compare --aggregate`") from None
+    need = {"method", "agreement", "digit_size", "seeds_done"} | {f"{k}_{s}" for k in METRICS
+                                                               for s in ("mean", "ci_low", "ci_high")}
+    if not need <= set(summary.columns):
+        raise UserError(f"{path} is not a comparison summary (columns missing: {', '.join(sorted(need - set(summary.columns)))[:120]})"
+                        " — rewrite it with `shortcut-study compare --aggregate`")
+    return summary
+
+
+def strength_sentence(summary: pd.DataFrame) -> str:
+    """Per method and digit size: conflicting accuracy at the weakest and the strongest shortcut."""
+    parts = []
+    for (method, size), rows in summary.groupby(["method", "digit_size"], sort=False):
+        rows = rows[np.isfinite(rows["conflicting_acc_mean"])].sort_values("agreement")
+        if len(rows) >= 2:
+            lo, hi = rows.iloc[0], rows.iloc[-1]
+            parts.append(f"{method} ({size} px): {lo['conflicting_acc_mean']:.1f} % at agreement {lo['agreement']:g} "
+                         f"-> {hi['conflicting_acc_mean']:.1f} % at {hi['agreement']:g}")
+    return ("Conflicting test accuracy as the shortcut strengthens: " + "; ".join(parts) + ".") if parts else \
+        "Too few finished cells for a trend yet."
+
+
+def write_results(study: optuna.Study, grid: Grid, out: Path, parent: str | None = None) -> str:
+    """cells.csv, summary.csv, summary.md and the three plots into `out` (each file written whole),
+    also logged to the parent run; returns the Markdown table."""
+    import matplotlib.pyplot as plt
+
+    out = require_writable(out, "folder")
+    out.mkdir(parents=True, exist_ok=True)
+    cells = cell_table(study, grid)
+    summary = summarize(cells, len(grid.seeds))
+    table = summary_markdown(summary, grid, cells)
+    with atomic_path(out / "cells.csv") as tmp:
+        cells.to_csv(tmp, index=False)
+    with atomic_path(out / "summary.csv") as tmp:
+        summary.to_csv(tmp, index=False)
+    recipe = ", ".join(f"{k}={v}" for k, v in grid.base_config().flat().items()
+                       if k.startswith(("train.", "augment.")) and k not in ("train.method", "train.seed"))
+    write_text_atomic(out / "summary.md", f"# Comparison `{grid.name}`\n\n{strength_sentence(summary)}\n\nMethods {', '.join(grid.methods)}; agreement "
+                      f"{', '.join(map(str, grid.agreements))}; digit {', '.join(map(str, grid.digit_sizes))} px; seeds "
+                      f"{', '.join(map(str, grid.seeds))}.\n\nRecipe (preset `{grid.preset}`): {recipe}\n\n{table}\n")
+    paths = [out / "cells.csv", out / "summary.csv", out / "summary.md"]
+    for name, fig in strength_figures(summary).items():
+        with atomic_path(out / f"{name}.png") as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+        plt.close(fig)
+        paths.append(out / f"{name}.png")
+    if parent:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        for path in paths:
+            client.log_artifact(parent, str(path))
+        done = int((cells["state"] == "complete").sum())
+        client.log_metric(parent, "cells_done", done, step=done)
+    return table
