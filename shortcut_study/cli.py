@@ -177,6 +177,15 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", help="MLflow store (default sqlite:///mlruns/mlflow.db)")
 
 
+def _add_worker_args(p: argparse.ArgumentParser, unit: str, shared: str) -> None:
+    """Options of the worker loop several processes share a study with (trials.py)."""
+    p.add_argument("--heartbeat", type=int, default=30, help=f"seconds between a running {unit}'s heartbeats")
+    p.add_argument("--grace", type=int, default=90, help=f"seconds without heartbeat before a {unit} is failed and "
+                   "run again")
+    p.add_argument("--workers", type=int, default=1, help=f"processes on this host sharing the {shared}, each pinned "
+                   "to its share of the cores (other hosts join with the same command and --storage)")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's exit code 2, but one `error:` line naming the flag instead of a usage block."""
 
@@ -243,10 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", type=int, default=15_000, help="train on N training images (0 = all)")
     p.add_argument("--objective", default="val_acc", help="val_acc or worst_group")
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
-    p.add_argument("--heartbeat", type=int, default=30, help="seconds between trial heartbeats (RDB storage)")
-    p.add_argument("--grace", type=int, default=90, help="seconds without heartbeat before a trial is failed")
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this host sharing the study, "
-                   "each pinned to its share of the cores (other hosts join with the same command)")
+    _add_worker_args(p, "trial", "study")
     _add_set_arg(p, "augment.translate=3 (the base config of every trial)")
     p.set_defaults(func=cmd_sweep)
 
@@ -261,10 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db)")
     p.add_argument("--out", default="results/compare", help="folder for the tables and plots")
     p.add_argument("--timeout", type=float, default=0, help="seconds after which no new cell starts; 0 = none")
-    p.add_argument("--heartbeat", type=int, default=30, help="seconds between a running cell's heartbeats")
-    p.add_argument("--grace", type=int, default=90, help="seconds without heartbeat before a cell is failed and rerun")
-    p.add_argument("--workers", type=int, default=1, help="processes on this host sharing the grid, each on its "
-                   "share of the cores (other hosts join with the same command and --storage)")
+    _add_worker_args(p, "cell", "grid")
     p.add_argument("--aggregate", action="store_true", help="only write the tables and plots of the finished cells")
     _add_set_arg(p, "seeds=0,1 (an axis), name=mine, or train.epochs=2 (the recipe)")
     p.set_defaults(func=cmd_compare)

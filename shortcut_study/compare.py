@@ -36,7 +36,7 @@ from .errors import UserError, require_writable, write_text_atomic
 from .registry import METHODS
 from .study import DEFAULT_STORAGE, STUDIES, open_storage
 from .tracking import file_lock, init_tracking
-from .trials import ClaimLock, WorkerSettings, ensure_parent_run, run_shared_trials
+from .trials import ClaimLock, WorkerSettings, creator_attr, ensure_parent_run, run_shared_trials
 
 GRID_DIR = Path("experiments")
 DEFAULT_GRID = GRID_DIR / "compare.toml"
@@ -293,12 +293,7 @@ def open_comparison(opts: CompareOptions, create: bool = True) -> optuna.Study:
             study.set_user_attr("grid", fingerprint)
         except optuna.exceptions.DuplicatedStudyError:
             study = optuna.load_study(study_name=opts.study, storage=storage, sampler=sampler)
-    stored = study.user_attrs.get("grid")
-    for _ in range(50):  # the creator may not have written it yet
-        if stored is not None:
-            break
-        time.sleep(0.2)
-        stored = optuna.load_study(study_name=opts.study, storage=storage).user_attrs.get("grid")
+    stored = creator_attr(study, "grid")
     if stored != fingerprint:
         differs = sorted(k for k in set(fingerprint) | set(stored or {}) if (stored or {}).get(k) != fingerprint.get(k))
         if "recipe" in differs:

@@ -26,7 +26,7 @@ from .config import SELECT_METRICS, Config, Param, make_config, set_value
 from .errors import UserError, require_writable
 from .server import normalize_db_url
 from .tracking import file_lock, init_tracking
-from .trials import (ClaimLock, WorkerSettings, counted, ensure_parent_run, reconcile_failed_runs, run_shared_trials,
+from .trials import (ClaimLock, WorkerSettings, counted, creator_attr, ensure_parent_run, reconcile_failed_runs, run_shared_trials,
                      worker_seed)
 
 # Heartbeats and stale-trial failing are marked experimental but are Optuna's documented way.
@@ -230,12 +230,7 @@ def _open_study(opts: SweepOptions, create: bool) -> optuna.Study:
         study.enqueue_trial(default_params(opts), user_attrs={"default": True})
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=opts.study, storage=storage, sampler=sampler, pruner=pruner)
-    made_for = study.user_attrs.get("objective")
-    for _ in range(50):  # the creator may not have written it yet
-        if made_for is not None:
-            break
-        time.sleep(0.2)
-        made_for = optuna.load_study(study_name=opts.study, storage=storage).user_attrs.get("objective")
+    made_for = creator_attr(study, "objective")
     if made_for != opts.objective:
         raise UserError(f"study {opts.study!r} was created with objective {made_for!r}, not {opts.objective!r} — "
                         "use another --study name or the same --objective")

@@ -235,6 +235,18 @@ class WorkerSettings:
     retry: bool = True  # enqueue a silent trial's parameters again (the sweep; compare re-picks cells itself)
 
 
+def creator_attr(study: optuna.Study, key: str, tries: int = 50) -> Any:
+    """A study attribute its creating process writes right after creating it: another process
+    that found the study may look before it is there, so wait for it (up to 10 s)."""
+    for _ in range(tries):
+        value = study.user_attrs.get(key)
+        if value is not None:
+            return value
+        time.sleep(0.2)
+        study = optuna.load_study(study_name=study.study_name, storage=study._storage)  # noqa: SLF001
+    return None
+
+
 def ensure_parent_run(study: optuna.Study, experiment_id: str, run_name: str, tags: dict[str, str],
                       settings: dict[str, Any]) -> str:
     """The study's one parent MLflow run, made by the first worker and found by the others through
