@@ -148,6 +148,19 @@ def test_aggregation_shows_missing_cells_as_missing(tmp_path):
     cells = pd.read_csv(tmp_path / "out" / "cells.csv")
     assert (cells["state"] == "missing").sum() == len(grid.cells) - 4
     assert (tmp_path / "out" / "gap_vs_agreement.png").is_file()
+    # a page of `make report` when the results folder holds a comparison
+    from shortcut_study.errors import UserError
+    from shortcut_study.report import Report, compare_pages
+
+    report = Report(tmp_path)
+    compare_pages(report, tmp_path / "out")
+    assert {p.stem for p, _ in report.pages} == {"compare_conflicting_vs_agreement", "compare_gap_vs_agreement",
+                                                 "compare_overall_vs_agreement"}
+    assert "erm (16 px): 40.0 % at agreement 0.1 -> 47.0 % at 0.9" in report.pages[0][1]
+    report.discard()
+    (tmp_path / "out" / "summary.csv").write_text("method,agreement\nerm,0.1\n")
+    with pytest.raises(UserError, match="is not a comparison summary .* compare --aggregate"):
+        compare_pages(Report(tmp_path), tmp_path / "out")
 
 
 def test_comparison_with_another_grid_in_the_same_storage_is_refused(sources, tmp_path, capsys):
