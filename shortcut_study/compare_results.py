@@ -180,6 +180,19 @@ def strength_sentence(summary: pd.DataFrame) -> str:
         "Too few finished cells for a trend yet."
 
 
+def wall_time(study: optuna.Study) -> str:
+    """From the first cell's start to the last cell's end, as the storage recorded them (every
+    process, every host), and the cells' summed seconds: what the grid cost to run."""
+    trials = [t for t in study.get_trials(deepcopy=False) if t.datetime_start and t.datetime_complete]
+    if not trials:
+        return "no cell finished yet"
+    first = min(t.datetime_start for t in trials)
+    last = max(t.datetime_complete for t in trials)
+    busy = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials)
+    return (f"cells ran {first:%Y-%m-%d %H:%M}–{last:%H:%M}: {(last - first).total_seconds() / 60:.1f} min of wall "
+            f"time, {busy / 60:.1f} min summed over cells (dataset builds included)")
+
+
 def write_results(study: optuna.Study, grid: Grid, out: Path, parent: str | None = None) -> str:
     """cells.csv, summary.csv, summary.md and the three plots into `out` (each file written whole),
     also logged to the parent run; returns the Markdown table."""
@@ -196,7 +209,7 @@ def write_results(study: optuna.Study, grid: Grid, out: Path, parent: str | None
         summary.to_csv(tmp, index=False)
     recipe = ", ".join(f"{k}={v}" for k, v in grid.base_config().flat().items()
                        if k.startswith(("train.", "augment.")) and k not in ("train.method", "train.seed"))
-    write_text_atomic(out / "summary.md", f"# Comparison `{grid.name}`\n\n{strength_sentence(summary)}\n\nMethods {', '.join(grid.methods)}; agreement "
+    write_text_atomic(out / "summary.md", f"# Comparison `{grid.name}`\n\n{strength_sentence(summary)}\n\nRun: {wall_time(study)}.\n\nMethods {', '.join(grid.methods)}; agreement "
                       f"{', '.join(map(str, grid.agreements))}; digit {', '.join(map(str, grid.digit_sizes))} px; seeds "
                       f"{', '.join(map(str, grid.seeds))}.\n\nRecipe (preset `{grid.preset}`): {recipe}\n\n{table}\n")
     paths = [out / "cells.csv", out / "summary.csv", out / "summary.md"]
