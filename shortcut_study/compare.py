@@ -319,15 +319,19 @@ class CellSampler(optuna.samplers.GridSampler):
         pass
 
 
-def next_cell(study: optuna.Study, grid: Grid) -> optuna.Trial | None:
+def next_cell(study: optuna.Study, grid: Grid, since: float = 0.0) -> optuna.Trial | None:
     """The next cell to run (called with the claim held), or None when every cell is finished or
-    running: a cell no trial has had yet, picked by the GridSampler; else a cell whose trial failed
-    (its run raised, or its worker was killed and its heartbeat went silent), enqueued again."""
+    running: a cell no trial has had yet, picked by the GridSampler; else a cell whose trial failed,
+    enqueued again — a killed worker's (its heartbeat went silent) always, one whose run raised only
+    if it raised before `since` (this command's start: a deterministic error is not retried in a
+    loop; the next command retries it once, after a fix)."""
     trials = study.get_trials(deepcopy=False)
     if any(t.state == TrialState.WAITING for t in trials):
         return study.ask()  # an enqueued cell whose process died before asking for it
     taken = {_cell_of(t.params) for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING)}
-    missing = [c for c in grid.cells if c not in taken]
+    raised = {_cell_of(t.params) for t in trials if t.state == TrialState.FAIL and "error" in t.user_attrs
+              and t.datetime_start and t.datetime_start.timestamp() >= since}
+    missing = [c for c in grid.cells if c not in taken and c not in raised]
     if not missing:
         return None
     # What the GridSampler counts as visited: grid ids of finished or running trials. While any
@@ -366,6 +370,7 @@ def _cell_runner(opts: CompareOptions, experiment_id: str, parent: str):
                 result = fit(cfg, data, run_dir, on_epoch=lambda epoch, record: log_epoch(record), quiet=True)
                 tm, preds, labels = test_scores(run_dir, data)
             except Exception as exc:
+                trial.set_user_attr("error", str(exc)[:300])
                 mlflow.set_tags({"state": "FAILED", "error": str(exc)[:500]})
                 mlflow.end_run(status="FAILED")
                 raise
@@ -450,12 +455,31 @@ def compare(opts: CompareOptions) -> str:
         claim.release()
     print(f"comparison {opts.grid.name}: {len(opts.grid.cells)} cells in {opts.storage or DEFAULT_STORAGE}", flush=True)
     deadline = time.monotonic() + opts.timeout if opts.timeout else math.inf
-    run_shared_trials(study, claim, lambda s: next_cell(s, opts.grid), _cell_runner(opts, experiment_id, parent),
-                      WorkerSettings(experiment_id=experiment_id, heartbeat=opts.heartbeat, grace=opts.grace,
-                                     deadline=deadline, storage=opts.storage or DEFAULT_STORAGE,
-                                     retry=False),  # a failed cell is enqueued again by next_cell
-                      lambda frozen: print(progress_line(study, opts.grid, frozen), flush=True))
-    return write_results(study, opts.grid, opts.out, parent)
+    since = time.time()
+    try:
+        run_shared_trials(study, claim, lambda s: next_cell(s, opts.grid, since), _cell_runner(opts, experiment_id, parent),
+                          WorkerSettings(experiment_id=experiment_id, heartbeat=opts.heartbeat, grace=opts.grace,
+                                         deadline=deadline, storage=opts.storage or DEFAULT_STORAGE,
+                                         retry=False),  # a failed cell is enqueued again by next_cell
+                          lambda frozen: print(progress_line(study, opts.grid, frozen), flush=True))
+    finally:  # what finished is written even when the worker stops on failures
+        table = write_results(study, opts.grid, opts.out, parent)
+    failed = failed_cells(study, opts.grid, since)
+    if failed:
+        raise UserError(f"{len(failed)} cell(s) failed, e.g. {failed[0]}; {opts.out}/summary.md shows them "
+                        "missing — fix the cause and run the command again to retry them")
+    return table
+
+
+def failed_cells(study: optuna.Study, grid: Grid, since: float) -> list[str]:
+    """`cell: error` for each cell not finished whose run raised since `since`."""
+    done = {_cell_of(t.params) for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE}
+    out = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        cell = _cell_of(t.params)
+        if cell and cell not in done and "error" in t.user_attrs and t.datetime_start.timestamp() >= since:
+            out[cell] = f"{cell.label}: {t.user_attrs['error']}"
+    return list(out.values())
 
 
 def aggregate(opts: CompareOptions) -> str:
