@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from .config import Config, make_config
-from .diagnostics import test_metrics
+from .diagnostics import shortcut_scores, test_metrics
 from .errors import UserError, atomic_path, require_writable, write_text_atomic
 from .evaluate import gap_interval
 from .run import Run
@@ -325,12 +325,8 @@ def run_methods_table(data: str | Path, methods: tuple[str, ...] = METHOD_ROWS, 
         history = _fit_or_reuse(cfg, data, out)
         tm = test_metrics(out, data)
         secs = sum(h["train_seconds"] + h.get("prepare_seconds", 0.0) for h in history)
-        rows.append({"method": label, "knows": KNOWS.get(label, ""), "test_acc": tm.get("acc", math.nan),
-                     "aligned_acc": tm.get("aligned_acc", math.nan),
-                     "conflicting_acc": tm.get("conflicting_acc", math.nan),
-                     "gap": tm.get("aligned_acc", math.nan) - tm.get("conflicting_acc", math.nan),
-                     "worst_group_acc": tm.get("worst_group_acc", math.nan),
-                     "cf_gap": tm.get("cf_aligned_acc", math.nan) - tm.get("cf_conflicting_acc", math.nan),
+        scores = shortcut_scores(tm)
+        rows.append({"method": label, "knows": KNOWS.get(label, ""), "test_acc": scores.pop("acc"), **scores,
                      "train_min": secs / 60})
     df = pd.DataFrame(rows)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")

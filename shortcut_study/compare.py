@@ -346,7 +346,7 @@ def next_cell(study: optuna.Study, grid: Grid, since: float = 0.0) -> optuna.Tri
 def _cell_runner(opts: CompareOptions, experiment_id: str, parent: str):
     import mlflow
 
-    from .diagnostics import test_scores
+    from .diagnostics import shortcut_scores, test_scores
     from .evaluate import confusion
     from .tracking import device_tag, git_commit, log_confusion, log_epoch
     from .train import fit
@@ -369,19 +369,15 @@ def _cell_runner(opts: CompareOptions, experiment_id: str, parent: str):
             try:
                 result = fit(cfg, data, run_dir, on_epoch=lambda epoch, record: log_epoch(record), quiet=True)
                 tm, preds, labels = test_scores(run_dir, data)
+                if not tm:  # inside: a cell that cannot be scored is failed like one whose run raised
+                    raise UserError(f"{data}/test has no labels: the comparison scores cells on the labelled test split")
             except Exception as exc:
                 trial.set_user_attr("error", str(exc)[:300])
                 mlflow.set_tags({"state": "FAILED", "error": str(exc)[:500]})
                 mlflow.end_run(status="FAILED")
                 raise
-            if not tm:
-                raise UserError(f"{data}/test has no labels: the comparison scores cells on the labelled test split")
             seconds = time.monotonic() - started
-            scores = {"acc": tm["acc"], "aligned_acc": tm.get("aligned_acc", math.nan),
-                      "conflicting_acc": tm.get("conflicting_acc", math.nan),
-                      "worst_group_acc": tm.get("worst_group_acc", math.nan),
-                      "gap": tm.get("aligned_acc", math.nan) - tm.get("conflicting_acc", math.nan),
-                      "cf_gap": tm.get("cf_aligned_acc", math.nan) - tm.get("cf_conflicting_acc", math.nan)}
+            scores = shortcut_scores(tm)
             mlflow.log_metrics({f"test_{k}": v for k, v in scores.items() if math.isfinite(v)}
                                | {"cell_seconds": seconds, "total_train_seconds": result.train_seconds,
                                   "median_images_per_s": result.images_per_s})
@@ -390,7 +386,7 @@ def _cell_runner(opts: CompareOptions, experiment_id: str, parent: str):
             for key, value in scores.items():
                 trial.set_user_attr(key, value)
             trial.set_user_attr("seconds", seconds)
-            return float(tm["acc"])
+            return float(scores["acc"])
 
     return run_cell
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,6 +200,16 @@ def test_scores(run_dir: str | Path, data: str | Path) -> tuple[dict[str, float]
     metrics, preds = evaluate_split(model, test, rt, tta=cfg.train.tta, geom=cfg.geometry)
     metrics.update(counterfactual_digit_accuracy(model, test, rt, cfg.geometry, tta=cfg.train.tta))
     return metrics, preds, test.labels.numpy()
+
+
+def shortcut_scores(metrics: dict[str, float]) -> dict[str, float]:
+    """The numbers a shortcut table reports from `test_scores`' metrics: overall, digit-aligned and
+    digit-conflicting accuracy, their gap, worst group and the paired counterfactual gap (NaN where
+    the split has no digit labels)."""
+    get = lambda key: metrics.get(key, math.nan)  # noqa: E731
+    return {"acc": get("acc"), "aligned_acc": get("aligned_acc"), "conflicting_acc": get("conflicting_acc"),
+            "gap": get("aligned_acc") - get("conflicting_acc"), "worst_group_acc": get("worst_group_acc"),
+            "cf_gap": get("cf_aligned_acc") - get("cf_conflicting_acc")}
 
 
 def test_metrics(run_dir: str | Path, data: str | Path) -> dict[str, float]:
