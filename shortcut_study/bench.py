@@ -108,7 +108,7 @@ def _minutes_to(history: list[dict[str, float]], target: float, with_eval: bool)
     elapsed = 0.0
     for h in history:
         elapsed += h["train_seconds"] + (h["eval_seconds"] if with_eval else 0.0)
-        if h["val_acc"] >= target:
+        if h.get("val_acc", math.nan) >= target:  # epochs skipped by train.eval_every have none
             return elapsed / 60
     return math.nan
 

@@ -35,7 +35,7 @@ from .compare_results import cell_key, write_results
 from .errors import UserError, require_writable, write_text_atomic
 from .registry import METHODS
 from .study import DEFAULT_STORAGE, STUDIES, open_storage
-from .tracking import file_lock, init_tracking
+from .tracking import end_run_failed, file_lock, init_tracking
 from .trials import ClaimLock, WorkerSettings, creator_attr, ensure_parent_run, run_shared_trials
 
 GRID_DIR = Path("experiments")
@@ -373,8 +373,7 @@ def _cell_runner(opts: CompareOptions, experiment_id: str, parent: str):
                     raise UserError(f"{data}/test has no labels: the comparison scores cells on the labelled test split")
             except Exception as exc:
                 trial.set_user_attr("error", str(exc)[:300])
-                mlflow.set_tags({"state": "FAILED", "error": str(exc)[:500]})
-                mlflow.end_run(status="FAILED")
+                end_run_failed(exc)
                 raise
             seconds = time.monotonic() - started
             scores = shortcut_scores(tm)

@@ -178,8 +178,9 @@ def curves_figure(history: pd.DataFrame) -> plt.Figure:
     axes[0].legend()
     for col, label in (("train_acc", "train"), ("val_acc", "val"), ("val_aligned_acc", "val digit-aligned"),
                        ("val_conflicting_acc", "val digit-conflicting")):
-        if col in history:
-            axes[1].plot(history["epoch"], history[col], label=label)
+        if col in history:  # val columns are empty on epochs that were not evaluated (train.eval_every)
+            scored = history.dropna(subset=[col])
+            axes[1].plot(scored["epoch"], scored[col], marker="." if len(scored) < len(history) else None, label=label)
     axes[1].set_xlabel("epoch")
     axes[1].set_ylabel("accuracy (%)")
     axes[1].legend(fontsize=8)

@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from .config import SELECT_METRICS, Config, Param, make_config, set_value
 from .errors import UserError, require_writable
 from .server import normalize_db_url
-from .tracking import file_lock, init_tracking
+from .tracking import end_run_failed, file_lock, init_tracking
 from .trials import (ClaimLock, WorkerSettings, counted, creator_attr, ensure_parent_run, reconcile_failed_runs, run_shared_trials,
                      worker_seed)
 
@@ -187,8 +187,7 @@ def _trial_runner(opts: SweepOptions, experiment_id: str, parent: str):
                 mlflow.end_run(status="KILLED")
                 raise
             except Exception as exc:
-                mlflow.set_tags({"state": "FAILED", "error": str(exc)[:500]})
-                mlflow.end_run(status="FAILED")
+                end_run_failed(exc)
                 raise
             rt = train_runtime(cfg.train)
             val = load_split(opts.data, "val", cfg.geometry.canvas)

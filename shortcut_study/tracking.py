@@ -158,6 +158,15 @@ def log_epoch(record: dict[str, Any]) -> None:
     mlflow.log_metrics(metrics, step=int(record["epoch"]))
 
 
+def end_run_failed(exc: BaseException) -> None:
+    """Tag the active run FAILED with the error and end it, so it is never left RUNNING (the caller
+    re-raises: the trial fails too)."""
+    import mlflow
+
+    mlflow.set_tags({"state": "FAILED", "error": str(exc)[:500]})
+    mlflow.end_run(status="FAILED")
+
+
 def device_tag() -> str:
     import torch
 

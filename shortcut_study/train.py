@@ -34,7 +34,9 @@ from .model import CNN
 from .registry import METHODS, SCHEDULES
 from .run import Run
 from .runtime import Runtime, train_runtime
+from .lookahead import Lookahead
 from .tta import monitor_tta
+from .whiten import whiten_conv
 
 
 class TrainingDiverged(UserError):
@@ -168,6 +170,7 @@ class Trainer:
     sched: torch.optim.lr_scheduler.LRScheduler
     loader: torch.utils.data.DataLoader | None = None  # the reference pipeline's
     data_dir: str | Path = ""
+    lookahead: Lookahead | None = None
 
     def batches(self) -> Iterator[Batch]:
         """One epoch, drawn as the method asks (a shuffle, or draws by its sample weights)."""
@@ -182,14 +185,19 @@ class Trainer:
         seen = 0
         for batch in self.batches():
             loss, logits = train_step(self.method, self.opt, batch, self.rt, self.sched)
+            if self.lookahead is not None:
+                self.lookahead.step()
             if on_step is not None:
                 on_step(loss, logits, batch)
             seen += len(batch)
         return seen
 
 
-def new_model(rt: Runtime) -> CNN:
+def new_model(rt: Runtime, init: str = "default", train: SplitData | None = None) -> CNN:
+    """A fresh CNN on the device; with `init="whiten"`, conv1 whitened on `train`'s patches."""
     model = CNN().to(rt.device)
+    if init == "whiten" and train is not None:
+        whiten_conv(model.conv1, train.images)
     return model.to(memory_format=torch.channels_last) if rt.channels_last else model
 
 
@@ -198,7 +206,7 @@ def build_trainer(cfg: Config, train: SplitData, rt: Runtime, data_dir: str | Pa
     """A fresh model with `method` (default: the config's) and its optimizer and schedule over
     `epochs` (default: the config's)."""
     t = cfg.train
-    model = new_model(rt)
+    model = new_model(rt, t.init, train)
     name = method or t.method
     hp = cfg.method if name == t.method else {k: p.default for k, p in METHODS[name].hparams.items()}
     ctx = TrainContext(cfg=cfg, train=train, rt=rt, data_dir=str(data_dir),
@@ -210,7 +218,8 @@ def build_trainer(cfg: Config, train: SplitData, rt: Runtime, data_dir: str | Pa
     total = per_epoch * (epochs or t.epochs)
     sched = SCHEDULES[t.schedule](opt, total, round(min(t.warmup_epochs, epochs or t.epochs) * per_epoch), t.lr)
     loader = reference_loader(cfg, data_dir, train) if t.pipeline == "reference" else None
-    return Trainer(cfg, rt, train, model, m, opt, sched, loader, data_dir)
+    lookahead = Lookahead(model, total, t.lookahead) if t.lookahead > 0 else None
+    return Trainer(cfg, rt, train, model, m, opt, sched, loader, data_dir, lookahead)
 
 
 def _train_plain(cfg: Config, train: SplitData, rt: Runtime, data_dir: str | Path, epochs: int) -> nn.Module:
@@ -299,6 +308,8 @@ def fit(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = F
             method.load_state_dict(state["method"]["state"])
             if ema is not None and state.get("ema"):
                 ema.load_state_dict(state["ema"])
+            if trainer.lookahead is not None and state.get("lookahead"):
+                trainer.lookahead.load_state_dict(state["lookahead"])
             torch.set_rng_state(state["rng"])
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:150]
@@ -334,7 +345,11 @@ def fit(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = F
                                    f"lower train.lr (now {t.lr})")
         eval_model = ema.module if ema is not None else model
         t1 = time.perf_counter()
-        metrics, _ = evaluate_split(eval_model, selection, rt, t.eval_batch_size, monitor_tta(t.tta), cfg.geometry)
+        # Model selection sees the epochs that are evaluated: every `eval_every`-th and the last.
+        evaluated = epoch % t.eval_every == 0 or epoch == t.epochs
+        metrics: dict[str, float] = {}
+        if evaluated:
+            metrics, _ = evaluate_split(eval_model, selection, rt, t.eval_batch_size, monitor_tta(t.tta), cfg.geometry)
         record = {"epoch": epoch, "train_loss": train_loss, "train_acc": float(correct) / max(1, seen) * 100,
                   "lr": opt.param_groups[0]["lr"], "train_seconds": train_seconds,
                   "eval_seconds": time.perf_counter() - t1, "images_per_s": seen / train_seconds,
@@ -342,15 +357,16 @@ def fit(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = F
                   **{f"val_{k}": v for k, v in metrics.items() if k != "n"}}
         history.append(record)
         score = metrics.get(metric, math.nan)
-        if score > best_score or best_epoch == 0:
+        if evaluated and (score > best_score or best_epoch == 0):
             best_score, best_epoch = score, epoch
             run.save_model(eval_model, cfg)
         run.save_last({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                       "ema": ema.state_dict() if ema is not None else None, "rng": torch.get_rng_state(),
+                       "ema": ema.state_dict() if ema is not None else None,
+                       "lookahead": trainer.lookahead.state_dict() if trainer.lookahead is not None else None, "rng": torch.get_rng_state(),
                        "method": {"name": t.method, "state": method.state_dict()}, "history": history,
                        "best_score": best_score, "best_epoch": best_epoch, "epoch": epoch, "config": cfg.to_dict()})
         run.write_history(history)
-        bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{metrics['acc']:.1f}",
+        bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{metrics.get('acc', math.nan):.1f}",
                         conflict=f"{metrics.get('conflicting_acc', math.nan):.1f}", ips=f"{record['images_per_s']:.0f}")
         if on_epoch is not None:
             on_epoch(epoch, record)

@@ -1,0 +1,78 @@
+"""The speed levers of the training loop: whitened first-layer init, lookahead, evaluating every N epochs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shortcut_study.augment import normalize
+from shortcut_study.config import make_config
+from shortcut_study.lookahead import Lookahead
+from shortcut_study.train import fit
+from shortcut_study.whiten import whiten_conv
+
+
+def test_whitened_filters_decorrelate_the_patches():
+    g = torch.Generator().manual_seed(0)
+    # Correlated images: smooth noise, so neighbouring pixels and channels co-vary.
+    smooth = F.avg_pool2d(torch.rand(64, 3, 44, 44, generator=g), 5, stride=1)
+    images = (smooth * 255).to(torch.uint8)
+    conv = nn.Conv2d(3, 16, kernel_size=7, padding=3)
+    whiten_conv(conv, images)
+    assert torch.allclose(conv.weight[:8], -conv.weight[8:]) and not conv.bias.any()
+    with torch.no_grad():
+        out = F.conv2d(normalize(images), conv.weight[:8])  # valid positions: the patches it saw
+    feats = out.permute(1, 0, 2, 3).reshape(8, -1)
+    cov = feats @ feats.T / feats.shape[1]
+    assert torch.allclose(cov.diag(), torch.ones(8), atol=0.05)
+    assert (cov - torch.diag(cov.diag())).abs().max() < 0.05
+
+
+def test_lookahead_ends_on_the_slow_weights_and_round_trips():
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    la = Lookahead(model, total_steps=20, decay=0.9, every=5)
+    x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+    for step in range(20):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        la.step()
+        if step == 9:
+            saved = {k: v.clone() for k, v in la.state_dict()["slow"].items()}
+            steps = la.state_dict()["steps"]
+    assert all(torch.equal(la.slow[k], v) for k, v in model.state_dict().items())
+    again = Lookahead(model, total_steps=20, decay=0.9)
+    again.load_state_dict({"steps": steps, "slow": saved})
+    assert again.steps == 10 and torch.equal(again.slow["weight"], saved["weight"])
+
+
+def test_training_with_whitening_and_lookahead_resumes(dataset, tmp_path):
+    cfg = make_config(sets=["train.batch_size=32", "train.epochs=2", "train.eval_batch_size=64",
+                            "train.init=whiten", "train.lookahead=0.95"])
+    out = tmp_path / "run"
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_one(epoch, record):
+        if epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit(cfg, dataset, out, on_epoch=stop_after_one, quiet=True)
+    assert torch.load(out / "last.pt", weights_only=True)["lookahead"]["steps"] > 0
+    result = fit(cfg, dataset, out, resume=True, quiet=True)
+    assert [h["epoch"] for h in result.history] == [1, 2] and 0 <= result.best["acc"] <= 100
+
+
+def test_eval_every_scores_some_epochs_and_always_the_last(dataset, tmp_path):
+    import pandas as pd
+
+    cfg = make_config(sets=["train.batch_size=32", "train.epochs=3", "train.eval_batch_size=64", "train.eval_every=2"])
+    result = fit(cfg, dataset, tmp_path / "run", quiet=True)
+    hist = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert hist["val_acc"].notna().tolist() == [False, True, True]
+    assert result.best_epoch in (2, 3) and (tmp_path / "run" / "q1_model.pt").is_file()
