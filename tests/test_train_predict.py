@@ -32,8 +32,9 @@ def test_train_writes_checkpoints_and_history(trained_run):
     assert (trained_run / "last.pt").is_file() and (trained_run / "config.json").is_file()
 
 
-def test_resume_continues_where_it_stopped(dataset, tmp_path):
-    cfg = make_config(sets=["train.batch_size=32", "train.epochs=3", "train.eval_batch_size=64"])
+@pytest.mark.parametrize("extra", [[], ["train.init=whiten", "train.lookahead=0.95"]])
+def test_resume_continues_where_it_stopped(dataset, tmp_path, extra):
+    cfg = make_config(sets=["train.batch_size=32", "train.epochs=3", "train.eval_batch_size=64", *extra])
     out = tmp_path / "run"
 
     class Stop(Exception):
@@ -45,6 +46,8 @@ def test_resume_continues_where_it_stopped(dataset, tmp_path):
 
     with pytest.raises(Stop):
         fit(cfg, dataset, out, on_epoch=stop_after_two, quiet=True)
+    lookahead = torch.load(out / "last.pt", weights_only=True)["lookahead"]
+    assert (lookahead is not None and lookahead["steps"] > 0) == bool(extra)  # the slow weights are saved too
     result = fit(cfg, dataset, out, resume=True, quiet=True)
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
 

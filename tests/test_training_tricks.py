@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,25 +46,6 @@ def test_lookahead_ends_on_the_slow_weights_and_round_trips():
     again = Lookahead(model, total_steps=20, decay=0.9)
     again.load_state_dict({"steps": steps, "slow": saved})
     assert again.steps == 10 and torch.equal(again.slow["weight"], saved["weight"])
-
-
-def test_training_with_whitening_and_lookahead_resumes(dataset, tmp_path):
-    cfg = make_config(sets=["train.batch_size=32", "train.epochs=2", "train.eval_batch_size=64",
-                            "train.init=whiten", "train.lookahead=0.95"])
-    out = tmp_path / "run"
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_one(epoch, record):
-        if epoch == 1:
-            raise Stop
-
-    with pytest.raises(Stop):
-        fit(cfg, dataset, out, on_epoch=stop_after_one, quiet=True)
-    assert torch.load(out / "last.pt", weights_only=True)["lookahead"]["steps"] > 0
-    result = fit(cfg, dataset, out, resume=True, quiet=True)
-    assert [h["epoch"] for h in result.history] == [1, 2] and 0 <= result.best["acc"] <= 100
 
 
 def test_eval_every_scores_some_epochs_and_always_the_last(dataset, tmp_path):
