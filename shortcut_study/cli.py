@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="throughput rows only (a few minutes)")
     p.add_argument("--methods", action="store_true", help="the debiasing-methods table (preset `methods`, about an "
                    "hour on 2 CPU cores) instead of the speed table; --md results/methods.md writes it")
-    p.add_argument("--presets", default="fast,best,erm", help="presets trained in full (not with --quick)")
+    p.add_argument("--presets", default="default,fast,best,erm", help="presets trained in full (not with --quick)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps per throughput row (after 20 warm-up)")
     p.add_argument("--md", help="also write the table as Markdown to this file")
     p.add_argument("--results", help="copy the best preset's q1_model.pt and q1_test.txt into this folder")

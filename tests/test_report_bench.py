@@ -109,8 +109,9 @@ def test_bench_quick_prints_a_table(dataset, tmp_path):
 
 def test_bench_full_rows_train_and_grade(dataset, tmp_path):
     md = tmp_path / "bench.md"
-    text = run_bench(dataset, quick=False, presets=("best",), steps=2, out_dir=tmp_path, md=md,
+    text = run_bench(dataset, quick=False, presets=("best", "default"), steps=2, out_dir=tmp_path, md=md,
                      results=tmp_path / "results", sets=["train.batch_size=16", "train.num_workers=0", "train.epochs=1"])
-    assert "best (full run)" in text and md.read_text().startswith("# Benchmark")
+    assert "best (full run)" in text and "default (full run)" in text and md.read_text().startswith("# Benchmark")
     assert "## Against the targets" in md.read_text() and "paired" in md.read_text()
+    assert "`make all` (preset `default`) ≥ 80 % test" in md.read_text() and "Targets for a CPU with" in md.read_text()
     assert len((tmp_path / "results" / "q1_test.txt").read_text().splitlines()) == 30
