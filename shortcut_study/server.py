@@ -61,7 +61,12 @@ def _as_postgres(cmd: list[str]) -> list[str]:
     except KeyError:
         raise UserError("running as root and there is no `postgres` user to run PostgreSQL as — "
                         f"{INSTALL_HINT}") from None
-    return ["runuser", "-u", "postgres", "--", *cmd]
+    # runuser lives in /usr/sbin, which a root shell's PATH usually has but a minimal one may not.
+    runuser = shutil.which("runuser") or next((p for p in ("/usr/sbin/runuser", "/sbin/runuser") if os.path.exists(p)), None)
+    if runuser is None:
+        raise UserError("running as root and `runuser` (util-linux) is not found to run PostgreSQL as the "
+                        "`postgres` user — install util-linux or run as another user")
+    return [runuser, "-u", "postgres", "--", *cmd]
 
 
 @dataclass
