@@ -319,6 +319,13 @@ class CellSampler(optuna.samplers.GridSampler):
         pass
 
 
+def _raised_since(trial: optuna.trial.FrozenTrial, since: float) -> bool:
+    """The cell's run raised (its error recorded by the cell runner) in a trial started at or after
+    `since`; a killed worker's trial fails without an error."""
+    return (trial.state == TrialState.FAIL and "error" in trial.user_attrs
+            and trial.datetime_start is not None and trial.datetime_start.timestamp() >= since)
+
+
 def next_cell(study: optuna.Study, grid: Grid, since: float = 0.0) -> optuna.Trial | None:
     """The next cell to run (called with the claim held), or None when every cell is finished or
     running: a cell no trial has had yet, picked by the GridSampler; else a cell whose trial failed,
@@ -329,8 +336,7 @@ def next_cell(study: optuna.Study, grid: Grid, since: float = 0.0) -> optuna.Tri
     if any(t.state == TrialState.WAITING for t in trials):
         return study.ask()  # an enqueued cell whose process died before asking for it
     taken = {_cell_of(t.params) for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING)}
-    raised = {_cell_of(t.params) for t in trials if t.state == TrialState.FAIL and "error" in t.user_attrs
-              and t.datetime_start and t.datetime_start.timestamp() >= since}
+    raised = {_cell_of(t.params) for t in trials if _raised_since(t, since)}
     missing = [c for c in grid.cells if c not in taken and c not in raised]
     if not missing:
         return None
@@ -472,7 +478,7 @@ def failed_cells(study: optuna.Study, grid: Grid, since: float) -> list[str]:
     out = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         cell = _cell_of(t.params)
-        if cell and cell not in done and "error" in t.user_attrs and t.datetime_start.timestamp() >= since:
+        if cell and cell not in done and _raised_since(t, since):
             out[cell] = f"{cell.label}: {t.user_attrs['error']}"
     return list(out.values())
 

@@ -29,12 +29,12 @@ from .config import NORM_MEAN, NORM_STD, SELECT_METRICS, Config
 from .data.layout import SplitData, load_split
 from .errors import UserError, require_writable
 from .evaluate import evaluate_split, predict_logits
+from .lookahead import Lookahead
 from .methods.base import Method, TrainContext, check_groups
 from .model import CNN
 from .registry import METHODS, SCHEDULES
 from .run import Run
 from .runtime import Runtime, train_runtime
-from .lookahead import Lookahead
 from .tta import monitor_tta
 from .whiten import whiten_conv
 
@@ -193,11 +193,8 @@ class Trainer:
         return seen
 
 
-def new_model(rt: Runtime, init: str = "default", train: SplitData | None = None) -> CNN:
-    """A fresh CNN on the device; with `init="whiten"`, conv1 whitened on `train`'s patches."""
+def new_model(rt: Runtime) -> CNN:
     model = CNN().to(rt.device)
-    if init == "whiten" and train is not None:
-        whiten_conv(model.conv1, train.images)
     return model.to(memory_format=torch.channels_last) if rt.channels_last else model
 
 
@@ -206,7 +203,9 @@ def build_trainer(cfg: Config, train: SplitData, rt: Runtime, data_dir: str | Pa
     """A fresh model with `method` (default: the config's) and its optimizer and schedule over
     `epochs` (default: the config's)."""
     t = cfg.train
-    model = new_model(rt, t.init, train)
+    model = new_model(rt)
+    if t.init == "whiten":
+        whiten_conv(model.conv1, train.images)
     name = method or t.method
     hp = cfg.method if name == t.method else {k: p.default for k, p in METHODS[name].hparams.items()}
     ctx = TrainContext(cfg=cfg, train=train, rt=rt, data_dir=str(data_dir),
@@ -362,7 +361,8 @@ def fit(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = F
             run.save_model(eval_model, cfg)
         run.save_last({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                        "ema": ema.state_dict() if ema is not None else None,
-                       "lookahead": trainer.lookahead.state_dict() if trainer.lookahead is not None else None, "rng": torch.get_rng_state(),
+                       "lookahead": trainer.lookahead.state_dict() if trainer.lookahead is not None else None,
+                       "rng": torch.get_rng_state(),
                        "method": {"name": t.method, "state": method.state_dict()}, "history": history,
                        "best_score": best_score, "best_epoch": best_epoch, "epoch": epoch, "config": cfg.to_dict()})
         run.write_history(history)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,8 +50,6 @@ def test_lookahead_ends_on_the_slow_weights_and_round_trips():
 
 
 def test_eval_every_scores_some_epochs_and_always_the_last(dataset, tmp_path):
-    import pandas as pd
-
     cfg = make_config(sets=["train.batch_size=32", "train.epochs=3", "train.eval_batch_size=64", "train.eval_every=2"])
     result = fit(cfg, dataset, tmp_path / "run", quiet=True)
     hist = pd.read_csv(tmp_path / "run" / "history.csv")
