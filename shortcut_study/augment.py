@@ -1,7 +1,8 @@
 """Batched on-device augmentations: each samples its own per-image randomness for a whole batch.
 
-`augment_batch` turns a uint8 batch into a normalised float batch and applies the registry's
-augmentations in `ORDER`; a strength of 0 switches one off. Semantics follow torchvision v2:
+`augment_batch` turns a uint8 batch into a normalised float batch, shuffles digit patches (returning
+the digits each image then shows) and applies the registry's augmentations in `ORDER`; a strength
+of 0 switches one off. Semantics follow torchvision v2:
 RandomErasing after normalisation fills with 0 (the mean colour), GaussianNoise after
 normalisation is unclipped. Erasing clamps an oversized box to the image where torchvision would
 re-draw it (up to 10 times): a slightly different box-size law, no different in kind.
@@ -55,17 +56,20 @@ def shift_patch(x: torch.Tensor, geom: GeometryConfig, dy: int, dx: int) -> torc
     return x
 
 
-def digit_shuffle(x: torch.Tensor, cfg: AugmentConfig, geom: GeometryConfig) -> torch.Tensor:
+def digit_shuffle(x: torch.Tensor, digits: torch.Tensor, cfg: AugmentConfig,
+                  geom: GeometryConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Give each chosen image the digit patch of a random image of the batch: the model still sees
-    digits, but they no longer agree with the label."""
+    digits, but they no longer agree with the label. Returns the images and the digit each one now
+    shows (the donor's), so groups are computed from what the model sees."""
     if cfg.digit_shuffle_p <= 0:
-        return x
+        return x, digits
     ys, xs = geom.digit_box
-    digits = x[:, :, ys, xs]
-    donor = digits[torch.randperm(x.shape[0], device=x.device)]
+    b = x.shape[0]
+    keep = torch.arange(b, device=x.device)
+    source = torch.where(_coin(x, cfg.digit_shuffle_p).view(-1), torch.randperm(b, device=x.device), keep)
     x = x.clone()
-    x[:, :, ys, xs] = torch.where(_coin(x, cfg.digit_shuffle_p), donor, digits)
-    return x
+    x[:, :, ys, xs] = x[source][:, :, ys, xs]
+    return x, digits[source.to(digits.device)]
 
 
 def translate(x: torch.Tensor, cfg: AugmentConfig, geom: GeometryConfig) -> torch.Tensor:
@@ -123,20 +127,22 @@ def noise(x: torch.Tensor, cfg: AugmentConfig, geom: GeometryConfig) -> torch.Te
     return x + cfg.noise_sigma * torch.randn_like(x)
 
 
+# Digit shuffle is not in this table: it changes the digits a batch carries, so it runs first, in
+# `augment_batch`, and returns them.
 AUGMENTATIONS: dict[str, Augmentation] = {
-    "digit_shuffle": digit_shuffle,
     "translate": translate,
     "flip": flip,
     "erase": erase,
     "noise": noise,
 }
 # Geometry first, then the ones that act on normalised values.
-ORDER = ("digit_shuffle", "translate", "flip", "erase", "noise")
+ORDER = ("translate", "flip", "erase", "noise")
 
 
-def augment_batch(images_u8: torch.Tensor, cfg: AugmentConfig, geom: GeometryConfig) -> torch.Tensor:
-    """uint8 batch on the device -> augmented, normalised float32 batch."""
-    x = normalize(images_u8)
+def augment_batch(images_u8: torch.Tensor, digits: torch.Tensor, cfg: AugmentConfig,
+                  geom: GeometryConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 batch on the device -> augmented, normalised float32 batch, and the digits it shows."""
+    x, digits = digit_shuffle(normalize(images_u8), digits, cfg, geom)
     for name in ORDER:
         x = AUGMENTATIONS[name](x, cfg, geom)
-    return x
+    return x, digits

@@ -19,9 +19,9 @@ import pandas as pd
 import torch
 
 from .config import Config, make_config
-from .diagnostics import shortcut_scores, test_metrics
+from .diagnostics import score_run
 from .errors import UserError, atomic_path, require_writable, write_text_atomic
-from .evaluate import gap_interval
+from .metrics import METRICS, gap_interval
 from .run import Run
 from .runtime import resolve_runtime, train_runtime
 from .train import build_trainer, fit, load_data, train_step
@@ -116,7 +116,7 @@ def _minutes_to(history: list[dict[str, float]], target: float, with_eval: bool)
 def full_row(label: str, preset: str, data: str | Path, out_root: Path, sets: list[str]) -> dict[str, float | str]:
     cfg = make_config(preset, sets)
     result = fit(cfg, data, out_root / preset, quiet=False)
-    tm = test_metrics(out_root / preset, data)
+    tm = score_run(out_root / preset, data)[0]
     epochs = len(result.history)
     return {"row": label, "preset": preset, "epochs": epochs, "images_per_s": result.images_per_s,
             "s_per_epoch": result.train_seconds / max(1, epochs), "train_min_to_75_val": _minutes_to(result.history, 75.0, False),
@@ -294,12 +294,23 @@ def run_bench(data: str | Path, quick: bool = False, presets: tuple[str, ...] = 
 # ---- the methods table --------------------------------------------------------------------------
 
 METHOD_ROWS = ("erm", "reweight", "resample", "groupdro", "jtt", "lff", "dfr")
+# The ablation: group methods with the earlier 20 (class, digit-aligned) groups, so the change to the
+# field's 100 (class, digit) groups is attributable row by row.
+ABLATION_ROWS = ("reweight", "resample", "groupdro", "dfr")
+ABLATION = "20 groups"
 # JTT's identification stage is 1 of the recipe's 5 epochs (the paper's T is a few epochs of a long run).
 ROW_SETS = {"jtt": ["method.identify_epochs=1"]}
-# What each method knows about the shortcut, for the table.
-KNOWS = {"erm": "nothing", "reweight": "group labels", "resample": "group labels", "groupdro": "group labels",
-         "jtt": "nothing (finds hard examples)", "lff": "nothing (finds hard examples)",
-         "dfr": "group labels on held-out val", "erm + digit shuffle": "where the digit is (augmentation)"}
+SHUFFLE_ROW = "erm + digit shuffle"
+
+
+def knows(method: str) -> str:
+    """What a method knows about the shortcut, from its declaration."""
+    from .registry import METHODS
+
+    if method == SHUFFLE_ROW:
+        return "where the digit is (augmentation)"
+    where = METHODS[method.split(" (")[0]].uses_groups
+    return {"train": "group labels", "val": "group labels on held-out val"}.get(where or "", "nothing")
 
 
 def _fit_or_reuse(cfg: Config, data: str | Path, out: Path) -> list[dict[str, float]]:
@@ -315,12 +326,22 @@ def _fit_or_reuse(cfg: Config, data: str | Path, out: Path) -> list[dict[str, fl
     return fit(cfg, data, out).history
 
 
-def method_arms(methods: tuple[str, ...], sets: list[str], preset: str, out_dir: Path) -> list[tuple[str, Config, Path]]:
-    """(row label, config, run folder) of every row of the methods table."""
-    arms = [(name, make_config(preset, sets + [f"train.method={name}", *ROW_SETS.get(name, [])])) for name in methods]
-    arms.append(("erm + digit shuffle", make_config(preset, sets + ["train.method=erm", "augment.digit_shuffle_p=1"])))
-    return [(label, cfg, out_dir / "runs" / "methods" / label.replace(" + ", "+").replace(" ", "_"))
-            for label, cfg in arms]
+def method_arms(methods: tuple[str, ...], sets: list[str], preset: str, out_dir: Path,
+                ablation: tuple[str, ...] = ABLATION_ROWS) -> list[tuple[str, Config, Path]]:
+    """(row label, config, run folder) of every row of the methods table: each method, the
+    20-group ablation of the group methods among them, and ERM with digit shuffle."""
+    def arm(name: str, *extra: str) -> Config:
+        return make_config(preset, sets + [f"train.method={name}", *ROW_SETS.get(name, []), *extra])
+
+    arms = [(name, arm(name)) for name in methods]
+    arms += [(f"{name} ({ABLATION})", arm(name, "train.groups=aligned")) for name in methods if name in ablation]
+    arms.append((SHUFFLE_ROW, arm("erm", "augment.digit_shuffle_p=1")))
+    return [(label, cfg, out_dir / "runs" / "methods" / label.replace(" + ", "+").replace(" (", "_").replace(")", "")
+             .replace(" ", "_")) for label, cfg in arms]
+
+
+# The methods table's columns: every metric of the metric table but the two halves of cf_gap.
+TABLE_METRICS = tuple(k for k in METRICS if k not in ("cf_aligned_acc", "cf_conflicting_acc"))
 
 
 def run_methods_table(data: str | Path, methods: tuple[str, ...] = METHOD_ROWS, sets: list[str] | None = None,
@@ -336,10 +357,9 @@ def run_methods_table(data: str | Path, methods: tuple[str, ...] = METHOD_ROWS, 
     arms = method_arms(methods, sets, preset, out_dir)
     for label, cfg, out in arms:
         history = _fit_or_reuse(cfg, data, out)
-        tm = test_metrics(out, data)
+        tm = score_run(out, data)[0]
         secs = sum(h["train_seconds"] + h.get("prepare_seconds", 0.0) for h in history)
-        scores = shortcut_scores(tm)
-        rows.append({"method": label, "knows": KNOWS.get(label, ""), "test_acc": scores.pop("acc"), **scores,
+        rows.append({"method": label, "knows": knows(label), **{k: tm.get(k, math.nan) for k in TABLE_METRICS},
                      "train_min": secs / 60})
     df = pd.DataFrame(rows)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -350,15 +370,32 @@ def run_methods_table(data: str | Path, methods: tuple[str, ...] = METHOD_ROWS, 
     table = df.to_markdown(index=False, floatfmt=".2f")
     text = "\n".join([f"machine: {machine_line()}", table])
     if md:
+        columns = "\n".join(f"- `{k}`: {METRICS[k].title} — {METRICS[k].help}" for k in TABLE_METRICS)
         write_text_atomic(md, f"# Debiasing methods on one recipe ({dt.date.today()}, `shortcut-study bench --methods`)\n\n"
                               "Test accuracy (%) on the unbiased test set, one run (seed 0) per row on one machine. "
-                              "`gap` = digit-aligned minus digit-conflicting accuracy; `cf_gap` = the same test images "
-                              "with the digit set to the label minus set to another digit (paired, free of the small "
-                              "aligned group's noise). Every row uses the recipe below *without* digit shuffle, but "
-                              "the last, which adds it: the one intervention that knows where the shortcut is.\n\n"
-                              f"Recipe (preset `{preset}`): {recipe}\n\n```\n{text}\n```\n\n"
+                              "Groups are the 100 (class, digit) cells; rows marked `(20 groups)` are the ablation "
+                              "with the earlier (class, digit-aligned) groups (`train.groups=aligned`). Every row uses "
+                              "the recipe below *without* digit shuffle, but the last, which adds it: the one "
+                              "intervention that knows where the shortcut is.\n\n"
+                              f"Columns:\n{columns}\n\nRecipe (preset `{preset}`): {recipe}\n\n```\n{text}\n```\n\n"
+                              f"## 100 groups against the 20-group ablation\n\n{ablation_section(df)}\n\n"
                               f"## Against the goals\n\n{methods_goals(df)}\n")
     return text
+
+
+def ablation_section(df: pd.DataFrame) -> str:
+    """Per ablated method: how far each headline metric moved from 20 to 100 groups (points)."""
+    by = {r["method"]: r for _, r in df.iterrows()}
+    keys = ("acc", "conflicting_acc", "gap", "worst_group_acc", "mean_group_acc")
+    lines = ["| method | " + " | ".join(f"{METRICS[k].title}: 20 → 100 groups" for k in keys) + " |",
+             "|---|" + "---|" * len(keys)]
+    for name in ABLATION_ROWS:
+        new, old = by.get(name), by.get(f"{name} ({ABLATION})")
+        if new is None or old is None:
+            continue
+        cells = [f"{old[k]:.2f} → {new[k]:.2f} ({new[k] - old[k]:+.2f})" for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else "(no ablation rows)"
 
 
 def methods_goals(df: pd.DataFrame) -> str:
@@ -373,13 +410,13 @@ def methods_goals(df: pd.DataFrame) -> str:
             continue
         r = by[name]
         closed = 1 - r["gap"] / erm["gap"] if erm["gap"] else math.nan
-        drop = erm["test_acc"] - r["test_acc"]
+        drop = erm["acc"] - r["acc"]
         met = closed >= 0.5 and drop <= 2
         lines.append(f"| {name} closes ≥ half of ERM's gap ({erm['gap']:.2f}) losing ≤ 2 points overall | gap "
-                     f"{r['gap']:.2f} ({closed:.0%} closed), overall {r['test_acc']:.2f} vs {erm['test_acc']:.2f} "
+                     f"{r['gap']:.2f} ({closed:.0%} closed), overall {r['acc']:.2f} vs {erm['acc']:.2f} "
                      f"({-drop:+.2f}) | {'yes' if met else 'no'} |")
     blind = [by[n] for n in ("jtt", "lff") if n in by]
-    shuffle = by.get("erm + digit shuffle")
+    shuffle = by.get(SHUFFLE_ROW)
     if blind and shuffle is not None:
         top = max(blind, key=lambda r: r["conflicting_acc"])
         diff = shuffle["conflicting_acc"] - top["conflicting_acc"]

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from .config import SELECT_METRICS
 from .errors import UserError
 
 
@@ -61,13 +62,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .run import Run
     from .train import fit
 
+    from .metrics import format_metrics
+
     # A resumed run starts from its saved config; options given now must agree with it.
-    cfg = _config(args, base=Run(Path(args.out)).load_last()["config"] if args.resume else None)
-    result = fit(cfg, args.data, args.out, resume=args.resume)
-    b = result.best
-    print(f"best epoch {result.best_epoch}: val acc {b['acc']:.2f} %, aligned {b.get('aligned_acc', float('nan')):.2f} %, "
-          f"conflicting {b.get('conflicting_acc', float('nan')):.2f} % | {result.train_seconds:.0f} s training, "
-          f"{result.images_per_s:.0f} images/s ({result.runtime})")
+    state = Run(Path(args.out)).load_last() if args.resume else None
+    cfg = _config(args, base=state["config"] if state is not None else None)
+    result = fit(cfg, args.data, args.out, resume=args.resume, state=state)
+    print(f"best epoch {result.best_epoch} | {result.train_seconds:.0f} s training, {result.images_per_s:.0f} "
+          f"images/s ({result.runtime}); val, selected model:")
+    print(format_metrics(result.best))
     print(f"checkpoint: {result.out_dir / 'q1_model.pt'}")
 
 
@@ -79,9 +82,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .evaluate import format_metrics, grade
+    from .evaluate import format_grade, grade
 
-    print(format_metrics(grade(args.predictions, args.labels)))
+    print(format_grade(grade(args.predictions, args.labels)))
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -91,7 +94,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     opts = SweepOptions(data=Path(args.data), study=args.study, n_trials=args.n_trials,
                         timeout=args.timeout or None, storage=args.storage, tracking_uri=args.tracking_uri,
                         epochs=args.epochs, subset=args.subset, objective=args.objective, seed=args.seed,
-                        sets=tuple(args.set), heartbeat=args.heartbeat, grace=args.grace)
+                        sets=tuple(args.set), heartbeat=args.heartbeat, grace=args.grace,
+                        search_shuffle=args.search_shuffle)
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1 (got {args.workers})")
     if args.workers > 1:
@@ -250,7 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=40 * 60, help="seconds; 0 = none")
     p.add_argument("--epochs", type=int, help="fix the epochs of every trial (default: searched)")
     p.add_argument("--subset", type=int, default=15_000, help="train on N training images (0 = all)")
-    p.add_argument("--objective", default="val_acc", help="val_acc or worst_group")
+    p.add_argument("--objective", default="val_acc",
+                   help=f"what each trial maximises and selects its epoch by, as train.select: {', '.join(SELECT_METRICS)}")
+    p.add_argument("--search-shuffle", action="store_true",
+                   help="also search augment.digit_shuffle_p (off by default: shuffle knows where the digit is)")
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
     _add_worker_args(p, "trial", "study")
     _add_set_arg(p, "augment.translate=3 (the base config of every trial)")

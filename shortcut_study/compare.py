@@ -9,15 +9,13 @@ share the grid, a killed cell is failed by its heartbeat and run again, a finish
 Each cell is an MLflow child run under one parent run of the comparison.
 
 Aggregation reads the study: per (method, agreement, digit size), mean, standard deviation and a
-95 % Student-t interval over seeds of test accuracy (overall, digit-aligned, digit-conflicting,
-worst group) and of the aligned-conflicting and paired counterfactual gaps; cells not finished are
-shown as missing, never as zero.
+95 % Student-t interval over seeds of every test metric of the metric table (`metrics.py`); cells
+not finished are shown as missing, never as zero.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import statistics
@@ -33,6 +31,7 @@ from optuna.trial import TrialState
 from .config import Config, make_config
 from .compare_results import cell_key, write_results
 from .errors import UserError, require_writable, write_text_atomic
+from .metrics import METRICS
 from .registry import METHODS
 from .study import DEFAULT_STORAGE, STUDIES, open_storage
 from .tracking import end_run_failed, file_lock, init_tracking
@@ -352,7 +351,7 @@ def next_cell(study: optuna.Study, grid: Grid, since: float = 0.0) -> optuna.Tri
 def _cell_runner(opts: CompareOptions, experiment_id: str, parent: str):
     import mlflow
 
-    from .diagnostics import shortcut_scores, test_scores
+    from .diagnostics import score_run
     from .evaluate import confusion
     from .tracking import device_tag, git_commit, log_confusion, log_epoch
     from .train import fit
@@ -374,15 +373,15 @@ def _cell_runner(opts: CompareOptions, experiment_id: str, parent: str):
                                "trial_number": trial.number, "data": str(data)})
             try:
                 result = fit(cfg, data, run_dir, on_epoch=lambda epoch, record: log_epoch(record), quiet=True)
-                tm, preds, labels = test_scores(run_dir, data)
-                if not tm:  # inside: a cell that cannot be scored is failed like one whose run raised
+                scores, preds, labels = score_run(run_dir, data)
+                if not scores:  # inside: a cell that cannot be scored is failed like one whose run raised
                     raise UserError(f"{data}/test has no labels: the comparison scores cells on the labelled test split")
             except Exception as exc:
                 trial.set_user_attr("error", str(exc)[:300])
                 end_run_failed(exc)
                 raise
             seconds = time.monotonic() - started
-            scores = shortcut_scores(tm)
+            scores = {k: v for k, v in scores.items() if k in METRICS}
             mlflow.log_metrics({f"test_{k}": v for k, v in scores.items() if math.isfinite(v)}
                                | {"cell_seconds": seconds, "total_train_seconds": result.train_seconds,
                                   "median_images_per_s": result.images_per_s})

@@ -15,14 +15,15 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from .errors import UserError, atomic_path, require_writable, write_text_atomic
+from .metrics import METRICS as DECLARED
+from .metrics import seed_interval
 
 if TYPE_CHECKING:
     from .compare import Grid
 
-# The test metrics aggregated per cell, as a finished cell's trial holds them (user attributes).
-METRICS = ("acc", "aligned_acc", "conflicting_acc", "worst_group_acc", "gap", "cf_gap")
-METRIC_TITLES = {"acc": "overall", "aligned_acc": "aligned", "conflicting_acc": "conflicting",
-                 "worst_group_acc": "worst group", "gap": "aligned − conflicting", "cf_gap": "counterfactual gap"}
+# The test metrics aggregated per cell (a finished cell's trial holds every declared metric as a
+# user attribute): those the metric table gives an interval over seeds.
+METRICS = tuple(k for k, m in DECLARED.items() if m.interval)
 
 
 def cell_key(params: dict[str, Any]) -> tuple[str, float, int, int] | None:
@@ -57,21 +58,6 @@ def cell_table(study: optuna.Study, grid: Grid) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _interval(values: np.ndarray) -> tuple[float, float, float, float]:
-    """mean, sd, and the 95 % Student-t interval (NaN sd / interval from fewer than two values)."""
-    from scipy import stats
-
-    n = len(values)
-    if n == 0:
-        return (math.nan,) * 4
-    mean = float(values.mean())
-    if n < 2:
-        return mean, math.nan, math.nan, math.nan
-    sd = float(values.std(ddof=1))
-    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-    return mean, sd, mean - half, mean + half
-
-
 def summarize(cells: pd.DataFrame, seeds: int) -> pd.DataFrame:
     """Per (method, agreement, digit size): seeds finished of `seeds`, then mean / sd / 95 % interval
     of every metric over the finished seeds."""
@@ -81,10 +67,14 @@ def summarize(cells: pd.DataFrame, seeds: int) -> pd.DataFrame:
         row: dict[str, Any] = {"method": method, "agreement": agreement, "digit_size": digit,
                                "seeds_done": len(done), "seeds": seeds}
         for key in METRICS:
-            mean, sd, lo, hi = _interval(done[key].dropna().to_numpy(dtype=float))
+            mean, sd, lo, hi = seed_interval(done[key].to_numpy(dtype=float))
             row |= {f"{key}_mean": mean, f"{key}_sd": sd, f"{key}_ci_low": lo, f"{key}_ci_high": hi}
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# The columns whose interval the Markdown table prints (every interval is in summary.csv).
+INTERVAL_SHOWN = ("conflicting_acc", "gap", "worst_group_acc")
 
 
 def _fmt(row: pd.Series, key: str) -> str:
@@ -92,19 +82,19 @@ def _fmt(row: pd.Series, key: str) -> str:
     if not math.isfinite(mean):
         return "missing"
     text = f"{mean:.1f}" + (f" ± {sd:.1f}" if math.isfinite(sd) else "")
-    if key in ("conflicting_acc", "gap") and math.isfinite(row[f"{key}_ci_low"]):
+    if key in INTERVAL_SHOWN and math.isfinite(row[f"{key}_ci_low"]):
         text += f" [{row[f'{key}_ci_low']:.1f}, {row[f'{key}_ci_high']:.1f}]"
     return text
 
 
 def summary_markdown(summary: pd.DataFrame, grid: Grid, cells: pd.DataFrame) -> str:
-    lines = ["| method | agreement | digit px | seeds | overall | aligned | conflicting [95 % CI] | gap [95 % CI] "
-             "| worst group | cf gap |", "|---|---|---|---|---|---|---|---|---|---|"]
+    titles = [DECLARED[k].title + (" [95 % CI]" if k in INTERVAL_SHOWN else "") for k in METRICS]
+    lines = ["| method | agreement | digit px | seeds | " + " | ".join(titles) + " |",
+             "|" + "---|" * (4 + len(METRICS))]
     for _, r in summary.iterrows():
         seeds = f"{r['seeds_done']}/{r['seeds']}"
-        lines.append(f"| {r['method']} | {r['agreement']:g} | {r['digit_size']} | {seeds} | {_fmt(r, 'acc')} | "
-                     f"{_fmt(r, 'aligned_acc')} | {_fmt(r, 'conflicting_acc')} | {_fmt(r, 'gap')} | "
-                     f"{_fmt(r, 'worst_group_acc')} | {_fmt(r, 'cf_gap')} |")
+        lines.append(f"| {r['method']} | {r['agreement']:g} | {r['digit_size']} | {seeds} | "
+                     + " | ".join(_fmt(r, k) for k in METRICS) + " |")
     checks = []
     for _, r in summary[summary["agreement"] == min(grid.agreements)].iterrows():
         lo, hi = r["gap_ci_low"], r["gap_ci_high"]
@@ -147,7 +137,7 @@ def strength_figures(summary: pd.DataFrame) -> dict[str, Any]:
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel(ylabel)
         axes[0][-1].legend(fontsize=8)
-        fig.suptitle(f"{METRIC_TITLES[key]} vs shortcut strength (mean over seeds, 95 % interval)", fontsize=10)
+        fig.suptitle(f"{DECLARED[key].title} vs shortcut strength (mean over seeds, 95 % interval)", fontsize=10)
         fig.tight_layout()
         figures[name] = fig
     return figures

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,11 +13,12 @@ from torch import nn
 
 from .augment import normalize
 from .config import NUM_CLASSES, GeometryConfig
-from .data.layout import SplitData
-from .data.layout import load_split
-from .evaluate import classification_metrics, evaluate_split, predict_logits
+from .data.layout import SplitData, load_split, split_agreement
+from .crossed import with_donor_digits
+from .evaluate import evaluate_split, predict_logits, score_split
+from .metrics import eval_metrics
 from .run import Run
-from .runtime import Runtime, resolve_runtime
+from .runtime import Runtime, train_runtime
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 
@@ -61,14 +61,6 @@ def _with_patch(images: torch.Tensor, box: tuple[slice, slice], value: torch.Ten
     return out
 
 
-def _with_donor_digits(images: torch.Tensor, donors: torch.Tensor, geom: GeometryConfig) -> torch.Tensor:
-    """`images` with each digit patch replaced by the digit patch of image `donors[i]`."""
-    dy, dx = geom.digit_box
-    out = images.clone()
-    out[:, :, dy, dx] = images[:, :, dy, dx][donors]
-    return out
-
-
 def _different_digit_donors(digits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """For each image, another image whose digit differs (a derangement over digit groups)."""
     donors = rng.permutation(len(digits))
@@ -80,41 +72,6 @@ def _different_digit_donors(digits: np.ndarray, rng: np.random.Generator) -> np.
     return donors
 
 
-def _donors_showing(digits: np.ndarray, wanted: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """For each image, a random image of the split whose digit is `wanted[i]`."""
-    donors = np.empty(len(wanted), dtype=np.int64)
-    for d in np.unique(wanted):
-        rows = np.flatnonzero(wanted == d)
-        donors[rows] = rng.choice(np.flatnonzero(digits == d), len(rows))
-    return donors
-
-
-@torch.no_grad()
-def counterfactual_digit_accuracy(model: nn.Module, split: SplitData, rt: Runtime, geom: GeometryConfig | None = None,
-                                  tta: str = "none", seed: int = 0) -> dict[str, float]:
-    """Accuracy on the same images twice: with the digit patch replaced by one showing the label
-    (`cf_aligned_acc`) and by one showing another, uniformly drawn digit (`cf_conflicting_acc`).
-
-    A paired measure of the shortcut's pull: unlike the natural aligned group (~10 % of an
-    unbiased test set, so its accuracy alone is uncertain by about ±2.5 points), both numbers
-    are over every image, and their difference is due to the digit alone. Digit patches are taken
-    from the split itself, so they look exactly like test digits. NaN without digit labels or when
-    some digit never occurs in the split.
-    """
-    digits, labels = split.digits.numpy(), split.labels.numpy()
-    if not split.has_digits or len(np.unique(digits)) < NUM_CLASSES:
-        return {"cf_aligned_acc": float("nan"), "cf_conflicting_acc": float("nan")}
-    geom = geom or GeometryConfig()
-    rng = np.random.default_rng(seed)
-    other = (labels + rng.integers(1, NUM_CLASSES, len(labels))) % NUM_CLASSES  # uniform over digits != label
-    out = {}
-    for key, wanted in (("cf_aligned_acc", labels), ("cf_conflicting_acc", other)):
-        images = _with_donor_digits(split.images, torch.from_numpy(_donors_showing(digits, wanted, rng)), geom)
-        preds = predict_logits(model, images, rt, tta=tta, geom=geom).argmax(1)
-        out[key] = float((preds == split.labels).float().mean() * 100)
-    return out
-
-
 @dataclass
 class ShortcutReport:
     metrics: dict[str, float]  # accuracy, aligned / conflicting, ...
@@ -124,7 +81,7 @@ class ShortcutReport:
     follows_digit_rate: float  # % of digit-conflicting images predicted as their digit
     quadrant_share: dict[str, float]  # share of the occlusion drop in each quadrant (%)
     occlusion_map: np.ndarray  # (canvas, canvas) mean drop in true-class probability
-    counterfactual: dict[str, float]  # cf_aligned_acc / cf_conflicting_acc, see counterfactual_digit_accuracy
+    counterfactual: dict[str, float]  # cf_aligned_acc / cf_conflicting_acc / cf_gap on the crossed images
 
 
 @torch.no_grad()
@@ -148,15 +105,17 @@ def shortcut_diagnostics(model: nn.Module, split: SplitData, rt: Runtime, geom: 
     n = min(len(split), max_images)
     pick = np.sort(rng.choice(len(split), n, replace=False))
     images, labels, digits = split.images[pick], split.labels[pick], split.digits[pick]
-    preds = predict_logits(model, images, rt).argmax(1)
-    metrics = classification_metrics(preds.numpy(), labels.numpy(), digits.numpy())
+    sample = SplitData(images, labels, digits, [split.files[i] for i in pick])
+    scores = score_split(model, sample, rt, geom=geom)
+    metrics = eval_metrics(scores)
+    preds = torch.from_numpy(scores.preds)
 
     def acc(x: torch.Tensor) -> float:
         return float((predict_logits(model, x, rt).argmax(1) == labels).float().mean() * 100)
 
     swap_rate = follows = float("nan")
     if split.has_digits:
-        swapped = _with_donor_digits(images, torch.from_numpy(_different_digit_donors(digits.numpy(), rng)), geom)
+        swapped = with_donor_digits(images, torch.from_numpy(_different_digit_donors(digits.numpy(), rng)), geom)
         swap_rate = float((predict_logits(model, swapped, rt).argmax(1) != preds).float().mean() * 100)
         conflicting = digits != labels
         follows = float((preds[conflicting] == digits[conflicting]).float().mean() * 100) if conflicting.any() else float("nan")
@@ -184,34 +143,20 @@ def shortcut_diagnostics(model: nn.Module, split: SplitData, rt: Runtime, geom: 
         cifar_blanked_acc=acc(_with_patch(images, geom.cifar_box, geom.gray)),
         follows_digit_rate=follows, quadrant_share={k: v / total * 100 for k, v in drops.items()},
         occlusion_map=heat / np.maximum(hits, 1),
-        counterfactual=counterfactual_digit_accuracy(
-            model, SplitData(images, labels, digits, [split.files[i] for i in pick]), rt, geom, seed=seed))
+        counterfactual={k: metrics.get(k, float("nan")) for k in ("cf_aligned_acc", "cf_conflicting_acc", "cf_gap")})
 
 
-def test_scores(run_dir: str | Path, data: str | Path) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-    """A run's selected model on the labelled test split, with the run's own geometry and test-time
-    augmentation: overall, digit-aligned / conflicting and worst-group accuracy, the paired
-    counterfactual; with the predictions and labels. ({}, empty, empty) without test labels."""
-    rt = resolve_runtime()
-    model, cfg = Run(Path(run_dir)).load(rt.device)
-    test = load_split(data, "test", cfg.geometry.canvas)
-    if not test.has_labels:
+def score_run(run_dir: str | Path, data: str | Path, split: str = "test") -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """A run's selected model on a labelled split (default the test set), with the run's own
+    geometry, test-time augmentation, device and precision: every metric of `metrics.METRICS`
+    (crossed ones included; in-distribution accuracy at the training split's agreement), with the
+    predictions and labels. ({}, empty, empty) without labels."""
+    model, cfg = Run(Path(run_dir)).load("cpu")
+    rt = train_runtime(cfg.train)
+    model = model.to(rt.device)
+    scored = load_split(data, split, cfg.geometry.canvas)
+    if not scored.has_labels:
         return {}, np.empty(0, dtype=int), np.empty(0, dtype=int)
-    metrics, preds = evaluate_split(model, test, rt, tta=cfg.train.tta, geom=cfg.geometry)
-    metrics.update(counterfactual_digit_accuracy(model, test, rt, cfg.geometry, tta=cfg.train.tta))
-    return metrics, preds, test.labels.numpy()
-
-
-def shortcut_scores(metrics: dict[str, float]) -> dict[str, float]:
-    """The numbers a shortcut table reports from `test_scores`' metrics: overall, digit-aligned and
-    digit-conflicting accuracy, their gap, worst group and the paired counterfactual gap (NaN where
-    the split has no digit labels)."""
-    get = lambda key: metrics.get(key, math.nan)  # noqa: E731
-    return {"acc": get("acc"), "aligned_acc": get("aligned_acc"), "conflicting_acc": get("conflicting_acc"),
-            "gap": get("aligned_acc") - get("conflicting_acc"), "worst_group_acc": get("worst_group_acc"),
-            "cf_gap": get("cf_aligned_acc") - get("cf_conflicting_acc")}
-
-
-def test_metrics(run_dir: str | Path, data: str | Path) -> dict[str, float]:
-    """`test_scores` without the predictions."""
-    return test_scores(run_dir, data)[0]
+    metrics, preds = evaluate_split(model, scored, rt, cfg.train.eval_batch_size, cfg.train.tta, cfg.geometry,
+                                    train_agreement=split_agreement(data, "train"))
+    return metrics, preds, scored.labels.numpy()

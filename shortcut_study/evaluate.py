@@ -1,7 +1,5 @@
-"""Metrics, prediction and grading.
-
-Shortcut-aware metrics: besides accuracy, accuracy on digit-aligned images (digit == label) and on
-digit-conflicting ones, the worst class and the worst (class, aligned) group.
+"""Prediction (natural and crossed splits), scoring a model on a split, and grading a predictions
+file. The metrics themselves are declared in `metrics.py`.
 """
 
 from __future__ import annotations
@@ -17,9 +15,11 @@ import torch
 from torch import nn
 
 from .augment import normalize
-from .config import NUM_CLASSES, Config, GeometryConfig
+from .config import NUM_CLASSES, NUM_DIGITS, Config, GeometryConfig
+from .crossed import can_cross, crossed_views
 from .data.layout import SplitData, read_images
 from .errors import UserError, require_dir, require_file, require_writable, write_text_atomic
+from .metrics import Scores, eval_metrics, format_metrics
 from .model import load_model
 from .registry import TTA
 from .run import CONFIG_FILE, MODEL_FILE, Run
@@ -54,35 +54,21 @@ def predict_logits(model: nn.Module, images_u8: torch.Tensor, rt: Runtime, batch
     return torch.cat(out) if out else torch.zeros(0, NUM_CLASSES)
 
 
-def _acc(correct: np.ndarray) -> float:
-    return float(correct.mean() * 100) if len(correct) else math.nan
+def crossed_predictions(model: nn.Module, split: SplitData, rt: Runtime, batch_size: int = 1024,
+                        geom: GeometryConfig | None = None, seed: int = 0) -> np.ndarray | None:
+    """(N, NUM_DIGITS) predicted class of every image of `split` rendered with each digit d (the
+    crossed split, `crossed.py`), one view each; None when `can_cross(split)` is false.
 
-
-def classification_metrics(preds: np.ndarray, labels: np.ndarray, digits: np.ndarray | None = None) -> dict[str, float]:
-    """Accuracies in percent; aligned / conflicting / worst-group need known digits (>= 0)."""
-    preds, labels = np.asarray(preds), np.asarray(labels)
-    correct = preds == labels
-    per_class = [_acc(correct[labels == c]) for c in range(NUM_CLASSES) if (labels == c).any()]
-    m = {"acc": _acc(correct), "worst_class_acc": min(per_class) if per_class else math.nan,
-         "n": float(len(labels))}
-    if digits is not None and len(digits) and (np.asarray(digits) >= 0).all():
-        aligned = np.asarray(digits) == labels
-        m["aligned_acc"] = _acc(correct[aligned])
-        m["conflicting_acc"] = _acc(correct[~aligned])
-        groups = [_acc(correct[(labels == c) & (aligned == a)])
-                  for c in range(NUM_CLASSES) for a in (True, False) if ((labels == c) & (aligned == a)).any()]
-        m["worst_group_acc"] = min(groups)
-        m["aligned_fraction"] = float(aligned.mean() * 100)
-    return m
-
-
-def gap_interval(m: dict[str, float]) -> tuple[float, float]:
-    """Aligned minus conflicting accuracy and the half-width of its 95 % normal interval (points)."""
-    n_al = m["n"] * m["aligned_fraction"] / 100
-    n_co = m["n"] - n_al
-    pa, pc = m["aligned_acc"] / 100, m["conflicting_acc"] / 100
-    se = math.sqrt(pa * (1 - pa) / max(n_al, 1) + pc * (1 - pc) / max(n_co, 1)) * 100
-    return m["aligned_acc"] - m["conflicting_acc"], 1.96 * se
+    One view, whatever `train.tta` says: ten renderings times 18 views would be 180 forward passes
+    per image. Test-time views move only the CIFAR patch; the crossed metrics measure what the digit
+    does, and every model is scored on them alike."""
+    if not can_cross(split):
+        return None
+    geom = geom or GeometryConfig()
+    out = np.empty((len(split), NUM_DIGITS), dtype=np.int64)
+    for d, images in crossed_views(split, geom, seed):
+        out[:, d] = predict_logits(model, images, rt, batch_size, "none", geom).argmax(1).numpy()
+    return out
 
 
 def confusion(preds: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -91,10 +77,23 @@ def confusion(preds: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return confusion_matrix(labels, preds, labels=list(range(NUM_CLASSES)))
 
 
-def evaluate_split(model: nn.Module, split: SplitData, rt: Runtime, batch_size: int = 1024,
-                   tta: str = "none", geom: GeometryConfig | None = None) -> tuple[dict[str, float], np.ndarray]:
+def score_split(model: nn.Module, split: SplitData, rt: Runtime, batch_size: int = 1024, tta: str = "none",
+                geom: GeometryConfig | None = None, crossed: bool = True,
+                train_agreement: float = math.nan) -> Scores:
+    """The model's predictions on `split` with `tta`'s views and, with `crossed` (where the split
+    allows it), on its crossed version (one view): what every metric of `metrics.METRICS` is
+    computed from."""
     preds = predict_logits(model, split.images, rt, batch_size, tta, geom).argmax(1).numpy()
-    return classification_metrics(preds, split.labels.numpy(), split.digits.numpy()), preds
+    cross = crossed_predictions(model, split, rt, batch_size, geom) if crossed else None
+    return Scores(preds, split.labels.numpy(), split.digits.numpy(), cross, train_agreement)
+
+
+def evaluate_split(model: nn.Module, split: SplitData, rt: Runtime, batch_size: int = 1024, tta: str = "none",
+                   geom: GeometryConfig | None = None, crossed: bool = True,
+                   train_agreement: float = math.nan) -> tuple[dict[str, float], np.ndarray]:
+    """`eval_metrics` of the model on `split` (see `score_split`), and its predictions there."""
+    scores = score_split(model, split, rt, batch_size, tta, geom, crossed, train_agreement)
+    return eval_metrics(scores), scores.preds
 
 
 def rubric_band(acc: float) -> str:
@@ -204,21 +203,13 @@ def grade(predictions: str | Path, labels: str | Path) -> dict[str, float | str]
     if extra:
         raise UserError(f"{predictions} names {len(extra)} image(s) not in {path}, e.g. {extra[0]}")
     digits = truth["digit"].to_numpy() if "digit" in truth.columns else None
-    m: dict[str, float | str] = dict(classification_metrics(
-        preds.loc[truth["file"]].to_numpy(), truth["label"].to_numpy(), digits))
+    # A predictions file holds one prediction per image: the natural-split metrics, no crossed ones.
+    m: dict[str, float | str] = dict(eval_metrics(Scores(
+        preds.loc[truth["file"]].to_numpy(), truth["label"].to_numpy(), digits)))
     m["band"] = rubric_band(float(m["acc"]))
     return m
 
 
-def format_metrics(m: dict[str, float | str]) -> str:
-    labels = {"acc": "accuracy", "aligned_acc": "digit-aligned accuracy",
-              "conflicting_acc": "digit-conflicting accuracy", "worst_class_acc": "worst-class accuracy",
-              "worst_group_acc": "worst-group accuracy", "band": "rubric band", "n": "images"}
-    lines = []
-    for key, label in labels.items():
-        if key not in m:
-            continue
-        v = m[key]
-        shown = v if isinstance(v, str) else (f"{int(v)}" if key == "n" else f"{v:.2f} %")
-        lines.append(f"{label:<28} {shown}")
-    return "\n".join(lines)
+def format_grade(m: dict[str, float | str]) -> str:
+    """`grade`'s result: the metrics it holds, the image count and the rubric band."""
+    return "\n".join([format_metrics(m), f"images  {int(m['n'])}", f"rubric band  {m['band']}"])

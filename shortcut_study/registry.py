@@ -1,4 +1,4 @@
-"""Name -> implementation tables (methods, schedules, test-time augmentations), checked by name.
+"""Name -> implementation tables (methods, schedules, test-time augmentations, groupings), checked by name.
 
 A leaf module: it imports nothing of the package but `errors`. Each registry names its *home*, the
 module whose import fills it; the first lookup imports the home. So `config` can check that
@@ -71,3 +71,4 @@ class Registry(Generic[T]):
 METHODS: Registry[Any] = Registry("train.method", "shortcut_study.methods")
 SCHEDULES: Registry[Any] = Registry("train.schedule", "shortcut_study.schedules")
 TTA: Registry[Any] = Registry("train.tta", "shortcut_study.tta")
+GROUPINGS: Registry[Any] = Registry("train.groups", "shortcut_study.groups")

@@ -23,7 +23,8 @@ from .data.layout import load_split  # noqa: E402
 from .diagnostics import class_activation_norms, selectivity, shortcut_diagnostics  # noqa: E402
 from .errors import UserError, atomic_path, require_writable  # noqa: E402
 from .diagnostics import LAYERS  # noqa: E402
-from .evaluate import confusion, evaluate_split, gap_interval, rubric_band  # noqa: E402
+from .evaluate import confusion, evaluate_split, rubric_band  # noqa: E402
+from .metrics import gap_interval  # noqa: E402
 from .model import CNN  # noqa: E402
 from .run import Run  # noqa: E402
 from .runtime import resolve_runtime  # noqa: E402
@@ -336,7 +337,7 @@ def build_report(checkpoint: str | Path | None = None, data: str | Path = "data/
     val = load_split(data, "val", geom.canvas)
     rep = Report(out)
     try:
-        val_metrics, val_preds = evaluate_split(model, val, rt)
+        val_metrics, val_preds = evaluate_split(model, val, rt, geom=geom, crossed=False)  # diagnostics cross a sample
         rep.headline.append(f"Checkpoint: {ckpt}" + (f" (MLflow run {run_info['run_id']})" if run_info.get("run_id") else ""))
         rep.headline.append(f"Val accuracy {val_metrics['acc']:.2f} % on {len(val)} images"
                             + (f"; digit-aligned {val_metrics['aligned_acc']:.2f} %, digit-conflicting "
@@ -346,13 +347,17 @@ def build_report(checkpoint: str | Path | None = None, data: str | Path = "data/
         except UserError:
             test = None
         if test is not None and test.has_labels:
-            test_metrics, test_preds = evaluate_split(model, test, rt)
+            test_metrics, test_preds = evaluate_split(model, test, rt, geom=geom)
             rep.headline.append(f"Test accuracy {test_metrics['acc']:.2f} % ({rubric_band(test_metrics['acc'])})"
-                                + (f"; digit-conflicting {test_metrics['conflicting_acc']:.2f} %" if "conflicting_acc" in test_metrics else ""))
+                                + (f"; digit-conflicting {test_metrics['conflicting_acc']:.2f} %" if "conflicting_acc" in test_metrics else "")
+                                + (f"; worst (class, digit) group {test_metrics['worst_group_acc']:.2f} %, mean over "
+                                   f"the 100 groups {test_metrics['mean_group_acc']:.2f} % (crossed test)"
+                                   if "worst_group_acc" in test_metrics else ""))
         tta = cfg.train.tta if tta == "auto" else tta
         if tta != "none":
             scored = [("val", val)] + ([("test", test)] if test is not None and test.has_labels else [])
-            accs = [f"{name} {evaluate_split(model, split, rt, tta=tta, geom=geom)[0]['acc']:.2f} %" for name, split in scored]
+            accs = [f"{name} {evaluate_split(model, split, rt, tta=tta, geom=geom, crossed=False)[0]['acc']:.2f} %"
+                    for name, split in scored]
             rep.headline.append(f"With test-time augmentation '{tta}' (as in q1_test.txt): {', '.join(accs)}; "
                                 "the figures analyse single views")
 

@@ -53,15 +53,30 @@ SEARCH_SPACE: dict[str, Param] = {
     "augment.erase_p": Param(0.0, low=0.0, high=0.5),
     "augment.erase_scale_max": Param(0.2, low=0.05, high=0.33),
     "augment.noise_sigma": Param(0.0, low=0.0, high=0.3),
-    "augment.digit_shuffle_p": Param(1.0, low=0.0, high=1.0),
 }
+# Digit-patch shuffle knows where the shortcut is: searched only when asked for (`--search-shuffle`),
+# so a sweep of a debiasing method does not tune toward the intervention it is compared with.
+SHUFFLE_KEY = "augment.digit_shuffle_p"
+SHUFFLE_DIMENSION = {SHUFFLE_KEY: Param(1.0, low=0.0, high=1.0)}
 
 
 def search_space(base: Config, opts: SweepOptions) -> dict[str, Param]:
-    """The dimensions this sweep searches: the shared table plus the method's own, less what the
-    user pinned with `--set` (or `--epochs`)."""
-    space = {**SEARCH_SPACE, **{f"method.{k}": p for k, p in base.method_params().items()}}
+    """The dimensions this sweep searches: the shared table (with digit shuffle when asked for) plus
+    the method's own searchable ones, less what the user pinned with `--set` (or `--epochs`)."""
+    space = {**SEARCH_SPACE, **(SHUFFLE_DIMENSION if opts.search_shuffle else {}),
+             **{f"method.{k}": p for k, p in base.method_params().items() if p.search}}
     return {k: p for k, p in space.items() if not _pinned(opts, k)}
+
+
+def base_sets(opts: SweepOptions) -> list[str]:
+    """Every trial's config overrides: the user's `--set`, and for a method other than ERM no digit
+    shuffle unless the user set or searches it (the config's default shuffles every digit, the
+    course recipe's intervention; a debiasing method is studied without it)."""
+    sets = list(opts.sets)
+    method = make_config(sets=sets).train.method
+    if method != "erm" and not opts.search_shuffle and not _pinned(opts, SHUFFLE_KEY):
+        sets.append(f"{SHUFFLE_KEY}=0")
+    return sets
 
 
 def _pinned(opts: SweepOptions, key: str) -> bool:
@@ -84,6 +99,7 @@ class SweepOptions:
     sets: tuple[str, ...] = ()  # base config overrides for every trial
     heartbeat: int = 30
     grace: int = 90
+    search_shuffle: bool = False  # also search augment.digit_shuffle_p
 
 
 def open_storage(url: str | None) -> optuna.storages.BaseStorage:
@@ -124,7 +140,7 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
 
 
 def trial_config(trial: optuna.Trial, opts: SweepOptions) -> Config:
-    cfg = make_config(sets=list(opts.sets))
+    cfg = make_config(sets=base_sets(opts))
     for key, param in search_space(cfg, opts).items():
         set_value(cfg, key, param.suggest(trial, key))
     if opts.epochs is not None:
@@ -139,7 +155,7 @@ def trial_config(trial: optuna.Trial, opts: SweepOptions) -> Config:
 
 def default_params(opts: SweepOptions) -> dict[str, Any]:
     """The untuned defaults as a first trial, so the sweep shows what tuning gained."""
-    cfg = make_config(sets=list(opts.sets))
+    cfg = make_config(sets=base_sets(opts))
     flat = cfg.flat()
     return {key: flat[key] if key != "train.epochs" else param.default
             for key, param in search_space(cfg, opts).items()}
@@ -149,10 +165,8 @@ def _trial_runner(opts: SweepOptions, experiment_id: str, parent: str):
     """run_trial(trial) -> objective value: one training run, tracked as one MLflow child run."""
     import mlflow
 
-    from .data.layout import load_split
-    from .evaluate import confusion, evaluate_split
+    from .evaluate import confusion
     from .run import Run
-    from .runtime import train_runtime
     from .tracking import device_tag, git_commit, log_confusion, log_epoch, log_group_table
     from .train import fit
 
@@ -189,13 +203,12 @@ def _trial_runner(opts: SweepOptions, experiment_id: str, parent: str):
             except Exception as exc:
                 end_run_failed(exc)
                 raise
-            rt = train_runtime(cfg.train)
-            val = load_split(opts.data, "val", cfg.geometry.canvas)
+            # The selected model's val scores come with the result: nothing is reloaded or re-scored.
+            val = result.val_scores
+            if val is not None:
+                log_confusion(confusion(val.preds, val.labels), "val_confusion")
+                log_group_table(val, "val_groups.json")
             run_files = Run(run_dir)
-            best_model, _ = run_files.load(rt.device)
-            _, preds = evaluate_split(best_model, val, rt, cfg.train.eval_batch_size, cfg.train.tta, cfg.geometry)
-            log_confusion(confusion(preds, val.labels.numpy()), "val_confusion")
-            log_group_table(preds, val.labels.numpy(), val.digits.numpy(), "val_groups.json")
             mlflow.log_artifact(str(run_files.model_path))
             mlflow.log_artifact(str(run_files.history_path))
             best = {f"best_val_{k}": v for k, v in result.best.items() if math.isfinite(v)}
@@ -203,8 +216,8 @@ def _trial_runner(opts: SweepOptions, experiment_id: str, parent: str):
             mlflow.log_metrics({**best, "best_epoch": result.best_epoch, "total_train_seconds": result.train_seconds,
                                 "median_images_per_s": result.images_per_s})
             mlflow.set_tag("state", "COMPLETE")
-            for key in ("acc", "conflicting_acc", "aligned_acc", "worst_group_acc"):
-                trial.set_user_attr(key, result.best.get(key, math.nan))
+            for key, value in result.best.items():
+                trial.set_user_attr(key, value)
             trial.set_user_attr("images_per_s", result.images_per_s)
             return float(result.best.get(SELECT_METRICS[opts.objective], math.nan))
 
@@ -310,9 +323,12 @@ def sweep(opts: SweepOptions) -> str:
         parent = study_parent_run(study, experiment_id, opts)
     finally:
         claim.release()
-    pinned = sorted({s.partition("=")[0].strip() for s in opts.sets} & set(SEARCH_SPACE))
+    pinned = sorted({s.partition("=")[0].strip() for s in opts.sets} & (set(SEARCH_SPACE) | {SHUFFLE_KEY}))
     if pinned:
         print(f"not searched (pinned by --set): {', '.join(pinned)}", flush=True)
+    if f"{SHUFFLE_KEY}=0" in base_sets(opts) and not _pinned(opts, SHUFFLE_KEY):
+        print("digit shuffle off for every trial (a debiasing method is studied without it; "
+              "--search-shuffle or --set augment.digit_shuffle_p=P to change that)", flush=True)
     run_trial = _trial_runner(opts, experiment_id, parent)
     deadline = time.monotonic() + opts.timeout if opts.timeout else math.inf
 

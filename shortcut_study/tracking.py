@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from .config import CIFAR_CLASSES
+from .config import CIFAR_CLASSES, NUM_DIGITS
 from .errors import UserError
+from .metrics import Scores
 from .server import normalize_db_url
 
 MLRUNS = Path("mlruns")  # under the working directory, as `mlflow` itself defaults
@@ -132,22 +133,21 @@ def log_confusion(cm: np.ndarray, name: str = "val_confusion") -> None:
     mlflow.log_text(buf.getvalue(), f"{name}.csv")
 
 
-def log_group_table(preds: np.ndarray, labels: np.ndarray, digits: np.ndarray, name: str) -> None:
-    """Accuracy per (class x digit-aligned) group as an MLflow table beside the confusion matrix."""
+def log_group_table(scores: Scores, name: str) -> None:
+    """Accuracy per (class, digit) cell of the crossed split as an MLflow table beside the confusion
+    matrix (nothing when the split could not be crossed)."""
     import mlflow
 
-    if not (digits >= 0).all():
+    if scores.crossed is None:
         return
+    cells = scores.cells()
     rows = {"class": [], "digit": [], "images": [], "accuracy": []}
-    aligned = digits == labels
     for c, cls in enumerate(CIFAR_CLASSES):
-        for a in (True, False):
-            mask = (labels == c) & (aligned == a)
-            if mask.any():
-                rows["class"].append(cls)
-                rows["digit"].append("aligned" if a else "conflicting")
-                rows["images"].append(int(mask.sum()))
-                rows["accuracy"].append(float((preds[mask] == labels[mask]).mean() * 100))
+        for d in range(NUM_DIGITS):
+            rows["class"].append(cls)
+            rows["digit"].append(d)
+            rows["images"].append(int((scores.labels == c).sum()))
+            rows["accuracy"].append(float(cells[c, d]))
     mlflow.log_table(rows, name)
 
 

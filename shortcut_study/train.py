@@ -23,15 +23,18 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from .augment import AUGMENTATIONS, augment_batch
+from .augment import AUGMENTATIONS, augment_batch, digit_shuffle
 from .batch import Batch
 from .config import NORM_MEAN, NORM_STD, SELECT_METRICS, Config
 from .data.layout import SplitData, load_split
 from .errors import UserError, require_writable
-from .evaluate import evaluate_split, predict_logits
+from .crossed import can_cross
+from .evaluate import evaluate_split, predict_logits, score_split
+from .groups import group_ids
 from .lookahead import Lookahead
 from .methods.base import Method, TrainContext, check_groups
-from .model import CNN
+from .metrics import METRICS, Scores, eval_metrics, needs_crossed
+from .model import CNN, plain_state_dict
 from .registry import METHODS, SCHEDULES
 from .run import Run
 from .runtime import Runtime, train_runtime
@@ -62,22 +65,15 @@ def step_module(model: nn.Module, cfg: Config) -> nn.Module:
 
 # ---- batch sources ------------------------------------------------------------------------------
 
-def epoch_order(n: int, weights: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """A shuffle of the n images, or n draws with replacement by `weights` (resample, JTT)."""
-    if weights is None:
-        return torch.randperm(n, device=device)
-    return torch.multinomial(weights.float(), n, replacement=True)
-
-
 def fast_batches(train: SplitData, cfg: Config, order: torch.Tensor) -> Iterator[Batch]:
-    """One epoch of augmented, normalised batches gathered from the on-device uint8 tensor."""
+    """One epoch of augmented, normalised batches gathered from the on-device uint8 tensor, in
+    `order` (positions in the training split); each batch's digits and groups are the ones it shows."""
     bs = cfg.train.batch_size
-    groups = train.groups
-    steps = steps_per_epoch(len(order), bs)
-    for i in range(steps):
+    for i in range(steps_per_epoch(len(order), bs)):
         idx = order[i * bs:(i + 1) * bs]
-        yield Batch(augment_batch(train.images[idx], cfg.augment, cfg.geometry), train.labels[idx],
-                    train.digits[idx], groups[idx], idx)
+        x, digits = augment_batch(train.images[idx], train.digits[idx], cfg.augment, cfg.geometry)
+        y = train.labels[idx]
+        yield Batch(x, y, digits, group_ids(y, digits, cfg.train.groups), idx)
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -116,14 +112,14 @@ def reference_transform(cfg: Config):
 
 
 def reference_loader(cfg: Config, data_dir: str | Path, train: SplitData,
-                     weights: torch.Tensor | None = None) -> torch.utils.data.DataLoader:
-    """The course's DataLoader; with `weights`, n draws with replacement by them (as `epoch_order`)."""
+                     order: torch.Tensor | None = None) -> torch.utils.data.DataLoader:
+    """The course's DataLoader: a shuffle, or with `order` the method's epoch (positions in the split)."""
     t = cfg.train
-    sampler = (torch.utils.data.WeightedRandomSampler(weights.float().cpu(), len(train), replacement=True)
-               if weights is not None else None)
+    sampler = order.cpu().tolist() if order is not None else None
+    n = len(sampler) if sampler is not None else len(train)
     return torch.utils.data.DataLoader(
         FolderDataset(Path(data_dir), train.files, reference_transform(cfg)), batch_size=t.batch_size,
-        shuffle=sampler is None, sampler=sampler, drop_last=len(train) >= t.batch_size, num_workers=t.num_workers,
+        shuffle=sampler is None, sampler=sampler, drop_last=n >= t.batch_size, num_workers=t.num_workers,
         persistent_workers=t.num_workers > 0 and sampler is None)
 
 
@@ -131,15 +127,14 @@ def reference_batches(loader: torch.utils.data.DataLoader, train: SplitData, cfg
                       rt: Runtime) -> Iterator[Batch]:
     """Per-sample torchvision pipeline; the composite-specific ops (digit shuffle, patch translate
     and flip) have no torchvision counterpart and run batched afterwards."""
-    groups = train.groups
     for x, idx in loader:
-        x = x.to(rt.device)
-        for name in ("digit_shuffle", "translate"):
-            x = AUGMENTATIONS[name](x, cfg.augment, cfg.geometry)
+        idx = idx.to(train.labels.device)
+        x, digits = digit_shuffle(x.to(rt.device), train.digits[idx], cfg.augment, cfg.geometry)
+        x = AUGMENTATIONS["translate"](x, cfg.augment, cfg.geometry)
         if cfg.augment.flip in ("patch", "both"):
             x = AUGMENTATIONS["flip"](x, replace(cfg.augment, flip="patch"), cfg.geometry)
-        idx = idx.to(train.labels.device)
-        yield Batch(x, train.labels[idx], train.digits[idx], groups[idx], idx)
+        y = train.labels[idx]
+        yield Batch(x, y, digits, group_ids(y, digits, cfg.train.groups), idx)
 
 
 # ---- the step -----------------------------------------------------------------------------------
@@ -167,20 +162,39 @@ class Trainer:
     model: nn.Module
     method: Method
     opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LRScheduler
-    loader: torch.utils.data.DataLoader | None = None  # the reference pipeline's
+    epochs: int  # the length of the schedule (JTT's identification model stops early on it)
     data_dir: str | Path = ""
+    sched: torch.optim.lr_scheduler.LRScheduler | None = None
     lookahead: Lookahead | None = None
+    loader: torch.utils.data.DataLoader | None = None  # the reference pipeline's plain shuffle
+
+    def plan(self) -> None:
+        """The schedule (and lookahead) over every optimizer step of the run, sized by the method's
+        epoch length — known only once its state is (JTT's error set after `prepare` or a resume).
+        Made once per trainer: a second scheduler on the same optimizer would compound the first."""
+        assert self.sched is None, "plan() runs once per trainer"
+        t = self.cfg.train
+        per_epoch = steps_per_epoch(self.method.epoch_length(), t.batch_size)
+        total = per_epoch * self.epochs
+        self.sched = SCHEDULES[t.schedule](self.opt, total, round(min(t.warmup_epochs, self.epochs) * per_epoch), t.lr)
+        self.lookahead = Lookahead(self.model, total, t.lookahead) if t.lookahead > 0 else None
 
     def batches(self) -> Iterator[Batch]:
-        """One epoch, drawn as the method asks (a shuffle, or draws by its sample weights)."""
-        weights = self.method.sample_weights()
-        if self.loader is not None:
-            loader = self.loader if weights is None else reference_loader(self.cfg, self.data_dir, self.train, weights)
-            return reference_batches(loader, self.train, self.cfg, self.rt)
-        return fast_batches(self.train, self.cfg, epoch_order(len(self.train), weights, self.train.labels.device))
+        """One epoch, in the order the method asks for (a shuffle by default)."""
+        order = self.method.epoch_order()
+        if self.cfg.train.pipeline == "reference":
+            if order is None:
+                self.loader = self.loader or reference_loader(self.cfg, self.data_dir, self.train)
+                return reference_batches(self.loader, self.train, self.cfg, self.rt)
+            return reference_batches(reference_loader(self.cfg, self.data_dir, self.train, order), self.train,
+                                     self.cfg, self.rt)
+        if order is None:
+            order = torch.randperm(len(self.train), device=self.train.labels.device)
+        return fast_batches(self.train, self.cfg, order)
 
     def run_epoch(self, on_step: Callable[[torch.Tensor, torch.Tensor, Batch], None] | None = None) -> int:
+        if self.sched is None:
+            self.plan()
         self.model.train()
         seen = 0
         for batch in self.batches():
@@ -193,37 +207,49 @@ class Trainer:
         return seen
 
 
-def new_model(rt: Runtime) -> CNN:
-    model = CNN().to(rt.device)
-    return model.to(memory_format=torch.channels_last) if rt.channels_last else model
+def model_factory(cfg: Config, train: SplitData, rt: Runtime) -> Callable[[], CNN]:
+    """A maker of fresh models initialised as `train.init` says: every model of a run (the trained
+    one, LfF's biased one, JTT's identification one) starts the same way. The whitened conv1 is
+    computed once (about 2 s on the full split) and copied into each."""
+    whitened: dict[str, torch.Tensor] = {}
+    if cfg.train.init == "whiten":
+        probe = CNN().to(rt.device)
+        whiten_conv(probe.conv1, train.images)
+        whitened = {k: v.detach().clone() for k, v in probe.conv1.state_dict().items()}
+
+    def make() -> CNN:
+        model = CNN().to(rt.device)
+        if whitened:
+            model.conv1.load_state_dict(whitened)
+        return model.to(memory_format=torch.channels_last) if rt.channels_last else model
+
+    return make
 
 
 def build_trainer(cfg: Config, train: SplitData, rt: Runtime, data_dir: str | Path,
-                  method: str | None = None, epochs: int | None = None) -> Trainer:
-    """A fresh model with `method` (default: the config's) and its optimizer and schedule over
-    `epochs` (default: the config's)."""
+                  method: str | None = None, epochs: int | None = None,
+                  new_model: Callable[[], CNN] | None = None) -> Trainer:
+    """A fresh model with `method` (default: the config's) and its optimizer; the schedule over
+    `epochs` (default: the config's) is made by `Trainer.plan`, before the first epoch."""
     t = cfg.train
-    model = new_model(rt)
-    if t.init == "whiten":
-        whiten_conv(model.conv1, train.images)
+    new_model = new_model or model_factory(cfg, train, rt)
+    model = new_model()
     name = method or t.method
     hp = cfg.method if name == t.method else {k: p.default for k, p in METHODS[name].hparams.items()}
-    ctx = TrainContext(cfg=cfg, train=train, rt=rt, data_dir=str(data_dir),
-                       train_erm=lambda n: _train_plain(cfg, train, rt, data_dir, n),
+    ctx = TrainContext(cfg=cfg, train=train, rt=rt, data_dir=str(data_dir), new_model=new_model,
+                       train_erm=lambda n, recipe: _train_plain(recipe, train, rt, data_dir, n, new_model),
                        predict=lambda m, images: predict_logits(m, images, rt, t.eval_batch_size))
     m = METHODS[name](step_module(model, cfg), hp, ctx)
     opt = make_optimizer([*model.parameters(), *m.extra_parameters()], cfg)
-    per_epoch = steps_per_epoch(len(train), t.batch_size)
-    total = per_epoch * (epochs or t.epochs)
-    sched = SCHEDULES[t.schedule](opt, total, round(min(t.warmup_epochs, epochs or t.epochs) * per_epoch), t.lr)
-    loader = reference_loader(cfg, data_dir, train) if t.pipeline == "reference" else None
-    lookahead = Lookahead(model, total, t.lookahead) if t.lookahead > 0 else None
-    return Trainer(cfg, rt, train, model, m, opt, sched, loader, data_dir, lookahead)
+    return Trainer(cfg, rt, train, model, m, opt, epochs or t.epochs, data_dir)
 
 
-def _train_plain(cfg: Config, train: SplitData, rt: Runtime, data_dir: str | Path, epochs: int) -> nn.Module:
-    """A fresh model trained with ERM for `epochs` epochs (JTT's identification model)."""
-    trainer = build_trainer(cfg, train, rt, data_dir, method="erm", epochs=epochs)
+def _train_plain(cfg: Config, train: SplitData, rt: Runtime, data_dir: str | Path, epochs: int,
+                 new_model: Callable[[], CNN]) -> nn.Module:
+    """A model trained with ERM on `cfg`'s recipe — its schedule over the run's `train.epochs` —
+    stopped after `epochs` epochs: the epoch-`epochs` snapshot of an ERM run (JTT's identification
+    model, as anniesch/jtt takes it from an ERM run's checkpoint at epoch T)."""
+    trainer = build_trainer(cfg, train, rt, data_dir, method="erm", new_model=new_model)
     for _ in range(epochs):
         trainer.run_epoch()
     return trainer.model.eval()
@@ -244,17 +270,41 @@ def load_data(cfg: Config, data_dir: str | Path, rt: Runtime) -> tuple[SplitData
     return train.to(rt.device), val
 
 
+def check_data(cfg: Config, train: SplitData, val: SplitData, data_dir: str | Path) -> None:
+    """One-line errors, before any work, when the data cannot serve the config: unlabeled val, a
+    selection rule or a method that needs digit labels the data does not have."""
+    if not val.has_labels:
+        raise UserError(f"{data_dir}/val has unlabeled images: val folders must be named by class")
+    t = cfg.train
+    metric = METRICS[SELECT_METRICS[t.select]]
+    if metric.needs != "labels" and not val.has_digits:
+        raise UserError(f"train.select={t.select} needs digit labels on val and {data_dir} has none: run "
+                        f"`shortcut-study data annotate {data_dir}` or use train.select=val_acc or worst_class")
+    check_groups(METHODS[t.method], train, val, str(data_dir))
+
+
+def check_selection(cfg: Config, selection: SplitData, data_dir: str | Path) -> None:
+    """A crossed selection metric needs every digit in the selection split (its donors)."""
+    if needs_crossed([SELECT_METRICS[cfg.train.select]]) and not can_cross(selection):
+        raise UserError(f"train.select={cfg.train.select} scores the crossed val (each image with each digit), but "
+                        f"the {len(selection)} selection images of {data_dir}/val do not show every digit — "
+                        "build a larger val split or use train.select=val_acc")
+
+
 # ---- the loop -----------------------------------------------------------------------------------
 
 @dataclass
 class TrainResult:
     out_dir: Path
     best_epoch: int
-    best: dict[str, float]  # selection-split val metrics of the selected model
+    best: dict[str, float]  # the selected model's val metrics (selection split, run's views, crossed too)
     history: list[dict[str, float]] = field(default_factory=list)
     train_seconds: float = 0.0
     images_per_s: float = 0.0
     runtime: str = ""
+    model: nn.Module | None = None  # the selected model, in memory (also the run's q1_model.pt)
+    cfg: Config | None = None
+    val_scores: Scores | None = None  # its predictions on the selection split, natural and crossed
 
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -271,74 +321,118 @@ def _check_resume(state: dict[str, Any], cfg: Config, run: Run) -> None:
                         f"({'; '.join(diffs[:3])}) — drop those options or train into a new --out")
 
 
+@dataclass
+class Progress:
+    """What the loop carries from epoch to epoch, and what `last.pt` saves of it."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    epoch: int = 0  # the last finished epoch
+    best_weights: dict[str, torch.Tensor] | None = None  # the selected model's, on the CPU
+
+
+def _restore(trainer: Trainer, ema: AveragedModel | None, state: dict[str, Any], run: Run) -> Progress:
+    """The trainer and the loop's progress as `last.pt` saved them."""
+    try:
+        trainer.model.load_state_dict(state["model"])
+        trainer.opt.load_state_dict(state["optimizer"])
+        trainer.method.load_state_dict(state["method"]["state"])
+        trainer.plan()  # sized by the restored method state (JTT's error set)
+        trainer.sched.load_state_dict(state["scheduler"])
+        if ema is not None and state.get("ema"):
+            ema.load_state_dict(state["ema"])
+        if trainer.lookahead is not None and state.get("lookahead"):
+            trainer.lookahead.load_state_dict(state["lookahead"])
+        torch.set_rng_state(state["rng"])
+        if torch.cuda.is_available() and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        best = run.load(trainer.rt.device)[0] if state["best_epoch"] else None
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:150]
+        raise UserError(f"cannot resume from {run.last_path}: it does not fit this run ({first}) — delete it "
+                        "to start afresh") from None
+    return Progress(state["history"], state["best_score"], state["best_epoch"], state["epoch"],
+                    plain_state_dict(best) if best is not None else None)
+
+
+def _checkpoint(run: Run, trainer: Trainer, ema: AveragedModel | None, progress: Progress, cfg: Config) -> None:
+    """`last.pt` (everything `--resume` needs) and `history.csv` after an epoch."""
+    t = trainer
+    run.save_last({"model": t.model.state_dict(), "optimizer": t.opt.state_dict(), "scheduler": t.sched.state_dict(),
+                   "ema": ema.state_dict() if ema is not None else None,
+                   "lookahead": t.lookahead.state_dict() if t.lookahead is not None else None,
+                   "rng": torch.get_rng_state(),
+                   "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                   "method": {"name": cfg.train.method, "state": t.method.state_dict()}, "history": progress.history,
+                   "best_score": progress.best_score, "best_epoch": progress.best_epoch, "epoch": progress.epoch,
+                   "config": cfg.to_dict()})
+    run.write_history(progress.history)
+
+
+def _train_epoch(trainer: Trainer, ema: AveragedModel | None) -> tuple[float, float, int, float]:
+    """One epoch of optimizer steps: mean loss, accuracy (%), images seen, seconds."""
+    model, rt = trainer.model, trainer.rt
+    loss_sum = torch.zeros((), device=rt.device)
+    correct = torch.zeros((), device=rt.device, dtype=torch.long)
+
+    def tally(loss: torch.Tensor, logits: torch.Tensor, batch: Batch) -> None:
+        nonlocal loss_sum, correct
+        if ema is not None:
+            ema.update_parameters(model)
+        loss_sum += loss * len(batch)
+        correct += (logits.argmax(1) == batch.y).sum()
+
+    rt.synchronize()
+    t0 = time.perf_counter()
+    seen = trainer.run_epoch(tally)
+    rt.synchronize()
+    seconds = time.perf_counter() - t0
+    return float(loss_sum) / max(1, seen), float(correct) / max(1, seen) * 100, seen, seconds
+
+
 def fit(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = False,
-        on_epoch: EpochCallback | None = None, quiet: bool = False) -> TrainResult:
-    """Train the required CNN with the configured method; returns the selected model's result.
-    `on_epoch` may raise to stop early."""
+        on_epoch: EpochCallback | None = None, quiet: bool = False,
+        state: dict[str, Any] | None = None) -> TrainResult:
+    """Train the required CNN with the configured method; returns the selected model (in memory and
+    in the run folder) with its val metrics. With `resume`, continues from `state` (or the run's
+    `last.pt` when not given). `on_epoch` may raise to stop early."""
     run = Run(require_writable(out_dir, "folder"))
     cfg.validate()
-    state = run.load_last() if resume else None
-    if state is not None:
+    if resume:
+        state = state if state is not None else run.load_last()
         _check_resume(state, cfg, run)
+    else:
+        state = None
     t = cfg.train
     rt = train_runtime(t)
     torch.manual_seed(t.seed)
     train, val = load_data(cfg, data_dir, rt)
-    if not val.has_labels:
-        raise UserError(f"{data_dir}/val has unlabeled images: val folders must be named by class")
-    metric = SELECT_METRICS[t.select]
-    if metric != "acc" and not val.has_digits:
-        raise UserError(f"train.select={t.select} needs digit labels on val and {data_dir} has none: run "
-                        f"`shortcut-study data annotate {data_dir}` or use train.select=val_acc")
-    check_groups(METHODS[t.method], train, val, str(data_dir))
-
+    check_data(cfg, train, val, data_dir)
     trainer = build_trainer(cfg, train, rt, data_dir)
-    model, method, opt, sched = trainer.model, trainer.method, trainer.opt, trainer.sched
+    model, method = trainer.model, trainer.method
     selection = method.selection_split(val)
+    check_selection(cfg, selection, data_dir)
+    agreement = float((train.digits == train.labels).float().mean()) if train.has_digits else math.nan
+    select_key = SELECT_METRICS[t.select]
+    crossed_each_epoch = needs_crossed([select_key])
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True) if t.ema_decay else None
 
-    history: list[dict[str, float]] = []
-    best_score, best_epoch, start_epoch, prepare_seconds = -math.inf, 0, 1, 0.0
+    prepare_seconds = 0.0
     if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            method.load_state_dict(state["method"]["state"])
-            if ema is not None and state.get("ema"):
-                ema.load_state_dict(state["ema"])
-            if trainer.lookahead is not None and state.get("lookahead"):
-                trainer.lookahead.load_state_dict(state["lookahead"])
-            torch.set_rng_state(state["rng"])
-        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:150]
-            raise UserError(f"cannot resume from {run.last_path}: it does not fit this run ({first}) — delete it "
-                            "to start afresh") from None
-        history, best_score, best_epoch = state["history"], state["best_score"], state["best_epoch"]
-        start_epoch = state["epoch"] + 1
+        progress = _restore(trainer, ema, state, run)
     else:
+        progress = Progress()
         t_prepare = time.perf_counter()
         method.prepare()  # e.g. JTT's first stage; its time counts as training time
         prepare_seconds = time.perf_counter() - t_prepare
+        trainer.plan()
 
-    bar = tqdm(range(start_epoch, t.epochs + 1), desc=f"training ({t.method})", unit="epoch", disable=quiet,
-               initial=start_epoch - 1, total=t.epochs)
+    bar = tqdm(range(progress.epoch + 1, t.epochs + 1), desc=f"training ({t.method})", unit="epoch", disable=quiet,
+               initial=progress.epoch, total=t.epochs)
     for epoch in bar:
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=rt.device)
-        correct = torch.zeros((), device=rt.device, dtype=torch.long)
-
-        def tally(loss: torch.Tensor, logits: torch.Tensor, batch: Batch) -> None:
-            nonlocal loss_sum, correct
-            if ema is not None:
-                ema.update_parameters(model)
-            loss_sum += loss * len(batch)
-            correct += (logits.argmax(1) == batch.y).sum()
-
-        seen = trainer.run_epoch(tally)
+        train_loss, train_acc, seen, train_seconds = _train_epoch(trainer, ema)
         method.on_epoch_end(epoch)
-        train_seconds = time.perf_counter() - t0
-        train_loss = float(loss_sum) / max(1, seen)
         if not math.isfinite(train_loss):
             raise TrainingDiverged(f"training diverged at epoch {epoch} (loss {train_loss}): "
                                    f"lower train.lr (now {t.lr})")
@@ -348,39 +442,46 @@ def fit(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = F
         evaluated = epoch % t.eval_every == 0 or epoch == t.epochs
         metrics: dict[str, float] = {}
         if evaluated:
-            metrics, _ = evaluate_split(eval_model, selection, rt, t.eval_batch_size, monitor_tta(t.tta), cfg.geometry)
-        record = {"epoch": epoch, "train_loss": train_loss, "train_acc": float(correct) / max(1, seen) * 100,
-                  "lr": opt.param_groups[0]["lr"], "train_seconds": train_seconds,
+            metrics, _ = evaluate_split(eval_model, selection, rt, t.eval_batch_size, monitor_tta(t.tta), cfg.geometry,
+                                        crossed=crossed_each_epoch, train_agreement=agreement)
+        record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
+                  "lr": trainer.opt.param_groups[0]["lr"], "train_seconds": train_seconds,
                   "eval_seconds": time.perf_counter() - t1, "images_per_s": seen / train_seconds,
                   "prepare_seconds": prepare_seconds if epoch == 1 else 0.0,
-                  **{f"val_{k}": v for k, v in metrics.items() if k != "n"}}
-        history.append(record)
-        score = metrics.get(metric, math.nan)
-        if evaluated and (score > best_score or best_epoch == 0):
-            best_score, best_epoch = score, epoch
+                  **{f"val_{k}": v for k, v in metrics.items() if k in METRICS}}
+        progress.history.append(record)
+        progress.epoch = epoch
+        score = metrics.get(select_key, math.nan)
+        if evaluated and (score > progress.best_score or progress.best_epoch == 0):
+            progress.best_score, progress.best_epoch = score, epoch
+            progress.best_weights = plain_state_dict(eval_model)
             run.save_model(eval_model, cfg)
-        run.save_last({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                       "ema": ema.state_dict() if ema is not None else None,
-                       "lookahead": trainer.lookahead.state_dict() if trainer.lookahead is not None else None,
-                       "rng": torch.get_rng_state(),
-                       "method": {"name": t.method, "state": method.state_dict()}, "history": history,
-                       "best_score": best_score, "best_epoch": best_epoch, "epoch": epoch, "config": cfg.to_dict()})
-        run.write_history(history)
+        _checkpoint(run, trainer, ema, progress, cfg)
         bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{metrics.get('acc', math.nan):.1f}",
                         conflict=f"{metrics.get('conflicting_acc', math.nan):.1f}", ips=f"{record['images_per_s']:.0f}")
         if on_epoch is not None:
             on_epoch(epoch, record)
     bar.close()
-    result = summarize(run.dir, history, best_epoch, rt)
-    if history:
-        selected, _ = run.load(rt.device)
-        changed = method.finish(selected)
-        if changed:
-            run.save_model(selected, cfg)
-        if changed or monitor_tta(t.tta) != t.tta:
-            # The selected model, scored once with the full test-time augmentation.
-            final, _ = evaluate_split(selected, selection, rt, t.eval_batch_size, t.tta, cfg.geometry)
-            result.best = {k: v for k, v in final.items() if k != "n"}
+    return _finish(run, trainer, progress, selection, cfg, agreement)
+
+
+def _finish(run: Run, trainer: Trainer, progress: Progress, selection: SplitData, cfg: Config,
+            agreement: float) -> TrainResult:
+    """The selected model, after the method's last word (DFR's refit), scored once on the selection
+    split with the run's full test-time views and the crossed val: the run's result."""
+    result = summarize(run.dir, progress.history, progress.best_epoch, trainer.rt)
+    result.cfg = cfg
+    if progress.best_weights is None:
+        return result
+    t = cfg.train
+    selected = CNN().to(trainer.rt.device)
+    selected.load_state_dict(progress.best_weights)
+    if trainer.method.finish(selected):
+        run.save_model(selected, cfg)
+    result.val_scores = score_split(selected, selection, trainer.rt, t.eval_batch_size, t.tta, cfg.geometry,
+                                    train_agreement=agreement)
+    result.best = {k: v for k, v in eval_metrics(result.val_scores).items() if k in METRICS}
+    result.model = selected.eval()
     return result
 
 

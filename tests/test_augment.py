@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-from shortcut_study.augment import AUGMENTATIONS, augment_batch, normalize, shift_patch
+from shortcut_study.augment import AUGMENTATIONS, augment_batch, digit_shuffle, normalize, shift_patch
 from shortcut_study.config import NORM_MEAN, NORM_STD, AugmentConfig, GeometryConfig
 
 G = GeometryConfig()
@@ -36,19 +36,24 @@ def test_normalize_matches_torchvision():
 
 def test_all_off_is_plain_normalisation():
     x = _batch()
-    assert torch.equal(augment_batch(x, OFF, G), normalize(x))
+    digits = torch.randint(0, 10, (len(x),))
+    y, shown = augment_batch(x, digits, OFF, G)
+    assert torch.equal(y, normalize(x)) and torch.equal(shown, digits)
 
 
-def test_digit_shuffle_moves_only_digits():
+def test_digit_shuffle_moves_only_digits_and_carries_them():
     x = normalize(_batch())
+    digits = torch.arange(len(x)) % 10
     cfg = AugmentConfig(digit_shuffle_p=1.0)
-    y = AUGMENTATIONS["digit_shuffle"](x, cfg, G)
+    y, shown = digit_shuffle(x, digits, cfg, G)
     assert torch.equal(y[..., ~_digit_mask()], x[..., ~_digit_mask()])
     assert not torch.equal(y[..., _digit_mask()], x[..., _digit_mask()])
-    # every new digit patch is some image's digit patch
-    digits = x[:, :, 24:40, 24:40].reshape(len(x), -1)
-    for row in y[:, :, 24:40, 24:40].reshape(len(x), -1):
-        assert (digits == row).all(1).any()
+    # every new digit patch is some image's digit patch, and the digit the batch carries is that image's
+    patches = x[:, :, 24:40, 24:40].reshape(len(x), -1)
+    for row, digit in zip(y[:, :, 24:40, 24:40].reshape(len(x), -1), shown):
+        donors = torch.nonzero((patches == row).all(1)).flatten()
+        assert len(donors) == 1 and digits[donors[0]] == digit
+    assert not torch.equal(shown, digits)  # the carried digits moved with the patches
 
 
 def test_patch_flip_and_translate_stay_in_the_cifar_patch():

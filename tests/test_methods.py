@@ -21,7 +21,7 @@ from .conftest import TINY_BUILD
 
 TINY = ["train.batch_size=32", "train.eval_batch_size=64", "augment.digit_shuffle_p=0"]
 # Per-method settings that keep a two-epoch test run meaningful (JTT: a 1-epoch first stage).
-EXTRA = {"jtt": ["method.identify_epochs=1"]}
+EXTRA = {"jtt": ["method.identify_epochs=1", "method.upweight=2"]}
 
 
 def _sets(name: str, epochs: int) -> list[str]:
@@ -75,7 +75,8 @@ def test_groupdro_weights_move_towards_the_worst_group(dataset, tmp_path):
     out = tmp_path / "gdro"
     fit(make_config(sets=_sets("groupdro", 1) + ["method.eta=0.5"]), dataset, out, quiet=True)
     q = Run(out).load_last()["method"]["state"]["q"]
-    assert abs(float(q.sum()) - 1) < 1e-5 and float(q.max()) > 1.5 / 20  # no longer uniform
+    present = int((q > 0).sum())
+    assert len(q) == 100 and abs(float(q.sum()) - 1) < 1e-5 and float(q.max()) > 1.5 / present  # no longer uniform
 
 
 def test_jtt_finds_an_error_set_and_dfr_refits_the_last_layer(dataset, tmp_path):
@@ -98,7 +99,22 @@ def test_method_hyperparameters_are_config_and_searched():
 
     space = search_space(cfg, SweepOptions(data=None, sets=("train.method=groupdro", "train.lr=0.1")))
     assert "method.eta" in space and "train.lr" not in space  # pinned by --set
+    assert "method.sampling" not in space  # a switch, never searched
     assert "method.eta" not in search_space(make_config(), SweepOptions(data=None))
+
+
+def test_the_sweep_leaves_digit_shuffle_out_unless_asked():
+    from shortcut_study.study import SHUFFLE_KEY, SweepOptions, base_sets, search_space
+
+    jtt = SweepOptions(data=None, sets=("train.method=jtt",))
+    assert SHUFFLE_KEY not in search_space(make_config(sets=["train.method=jtt"]), jtt)
+    assert make_config(sets=base_sets(jtt)).augment.digit_shuffle_p == 0.0  # a method is studied without it
+    asked = SweepOptions(data=None, sets=("train.method=jtt",), search_shuffle=True)
+    assert SHUFFLE_KEY in search_space(make_config(sets=["train.method=jtt"]), asked)
+    pinned = SweepOptions(data=None, sets=("train.method=jtt", f"{SHUFFLE_KEY}=0.5"))
+    assert make_config(sets=base_sets(pinned)).augment.digit_shuffle_p == 0.5
+    erm = SweepOptions(data=None)
+    assert make_config(sets=base_sets(erm)).augment.digit_shuffle_p == 1.0  # the course recipe keeps its default
 
 
 @pytest.mark.parametrize("sets, message", [
@@ -247,16 +263,24 @@ def test_a_crafted_checkpoint_runs_no_code(target, trained_run, dataset, tmp_pat
     assert not marker.exists()
 
 
-def test_balancing_targets():
+def test_balanced_100_groups_make_the_digit_independent_of_the_label():
+    from shortcut_study.groups import group_ids
     from shortcut_study.methods.reweight import balancing_weights
 
-    counts = torch.tensor([36.0, 64.0] * 10)  # per class: 36 conflicting, 64 aligned images
-    balanced = balancing_weights(counts, "balanced")
-    assert torch.allclose(balanced * counts, torch.full((20,), 50.0))  # every group the same total weight
-    independent = balancing_weights(counts, "independent")
-    mass = (independent * counts).view(10, 2)
-    assert torch.allclose(mass[:, 1] / mass.sum(1), torch.full((10,), 0.1))  # aligned = 1/10 of each class
-    assert abs(float((independent * counts).sum() / counts.sum()) - 1) < 1e-6
+    # agreement 0.64 as the builder draws it: per class 640 aligned images, 40 of each other digit
+    labels = torch.arange(10).repeat_interleave(1000)
+    digits = torch.cat([torch.cat([torch.full((640,), c), torch.tensor([d for d in range(10) if d != c]).repeat(40)])
+                        for c in range(10)])
+    for scheme, groups, aligned_share in (("class_digit", 100, 0.1), ("aligned", 20, 0.5)):
+        ids = group_ids(labels, digits, scheme)
+        counts = torch.bincount(ids, minlength=groups).float()
+        mass = balancing_weights(counts)[ids]  # each image's weight
+        share = float(mass[digits == labels].sum() / mass.sum())
+        assert abs(share - aligned_share) < 1e-6, (scheme, share)  # 100 groups: the unbiased rate
+        assert abs(float(mass.mean()) - 1) < 1e-6
+    ids = group_ids(labels, digits)
+    cells = torch.zeros(100).index_add_(0, ids, balancing_weights(torch.bincount(ids, minlength=100).float())[ids])
+    assert torch.allclose(cells, cells[0].expand(100))  # every (class, digit) cell weighs the same
 
 
 def test_sweep_searches_the_chosen_methods_own_hyperparameters(dataset, tmp_path):
@@ -284,7 +308,12 @@ def test_reference_pipeline_draws_by_the_methods_weights(dataset, tmp_path):
     train, _ = load_data(cfg, dataset, rt)
     trainer = build_trainer(cfg, train, rt, dataset)
     torch.manual_seed(0)
-    groups = torch.cat([b.group for _ in range(10) for b in trainer.batches()])
-    aligned = float((groups % 2 == 1).float().mean())
-    assert abs(aligned - 0.5) < 0.1, aligned  # balanced: half aligned, whatever the data's share
+    batches = [b for _ in range(10) for b in trainer.batches()]
+    groups = torch.cat([b.group for b in batches])
+    present = torch.unique(trainer.method.groups_of(train))
+    # group-balanced draws: each (class, digit) group present in the data about equally often
+    expected_aligned = float((present // 10 == present % 10).float().mean())
+    aligned = float((torch.cat([b.digit for b in batches]) == torch.cat([b.y for b in batches])).float().mean())
+    assert abs(aligned - expected_aligned) < 0.1, (aligned, expected_aligned)
+    assert set(groups.tolist()) <= set(present.tolist())
     assert fit(cfg, dataset, tmp_path / "r", quiet=True).history

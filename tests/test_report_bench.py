@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
 from shortcut_study.bench import run_bench
 from shortcut_study.cli import main
-from shortcut_study.config import NORM_MEAN, NORM_STD, make_config
+from shortcut_study.config import NORM_MEAN, NORM_STD
 from shortcut_study.data import load_split
 from shortcut_study.data.layout import SplitData
-from shortcut_study.diagnostics import (class_activation_norms, counterfactual_digit_accuracy, selectivity,
-                                        shortcut_diagnostics)
+from shortcut_study.diagnostics import class_activation_norms, selectivity, shortcut_diagnostics
+from shortcut_study.evaluate import evaluate_split
 from shortcut_study.model import load_model
 from shortcut_study.report import build_report
 from shortcut_study.runtime import resolve_runtime
@@ -65,18 +64,23 @@ def _painted_split(n: int = 200, digits: torch.Tensor | None = None) -> SplitDat
     return SplitData(images, labels, digits, [f"img_{i}.png" for i in range(n)])
 
 
-def test_counterfactual_digit_accuracy_isolates_the_digit():
+def test_crossed_metrics_isolate_the_digit():
     rt = resolve_runtime("cpu")
     split = _painted_split()
-    cf = counterfactual_digit_accuracy(DigitReader(), split, rt)
-    assert cf == {"cf_aligned_acc": 100.0, "cf_conflicting_acc": 0.0}
+    m, _ = evaluate_split(DigitReader(), split, rt, train_agreement=0.64)
+    # a pure digit reader: right exactly on the crossed images whose digit is the label
+    assert m["cf_aligned_acc"] == 100.0 and m["cf_conflicting_acc"] == 0.0 and m["cf_gap"] == 100.0
+    assert m["worst_group_acc"] == 0.0 and abs(m["mean_group_acc"] - 10.0) < 1e-9
+    assert abs(m["id_acc"] - 64.0) < 1e-9  # the crossed test at the training agreement
     assert torch.equal(split.images, _painted_split().images)  # the split itself is untouched
     torch.manual_seed(0)
     cifar_only = nn.Sequential(nn.Flatten(), nn.Linear(3 * 24 * 24, 10))
-    blind = counterfactual_digit_accuracy(CifarPatchOnly(cifar_only), split, rt)
+    blind, _ = evaluate_split(CifarPatchOnly(cifar_only), split, rt)
     assert blind["cf_aligned_acc"] == blind["cf_conflicting_acc"]  # same images but for the digit
-    unknown = counterfactual_digit_accuracy(DigitReader(), _painted_split(digits=torch.full((200,), -1)), rt)
-    assert all(v != v for v in unknown.values())  # NaN without digit labels
+    # every digit's cells alike: the worst cell is the worst class
+    assert abs(blind["worst_group_acc"] - blind["worst_class_acc"]) < 1e-9
+    unknown, _ = evaluate_split(DigitReader(), _painted_split(digits=torch.full((200,), -1)), rt)
+    assert "worst_group_acc" not in unknown and "cf_gap" not in unknown and "acc" in unknown
 
 
 def test_report_writes_pdf_and_every_figure(trained_run, dataset, tmp_path):

@@ -19,7 +19,6 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..batch import group_ids
 from ..config import CIFAR_CLASSES
 from ..errors import UserError, atomic_path, require_dir
 from .sources import CIFAR, class_index
@@ -50,14 +49,6 @@ class SplitData:
     @property
     def has_digits(self) -> bool:
         return bool((self.digits >= 0).all()) and len(self) > 0
-
-    @property
-    def groups(self) -> torch.Tensor:
-        """(class, digit-aligned) group of each image, -1 where the digit is unknown."""
-        return group_ids(self.labels, self.digits)
-
-    def subset(self, n: int) -> SplitData:
-        return SplitData(self.images[:n], self.labels[:n], self.digits[:n], self.files[:n])
 
     def take(self, index: torch.Tensor) -> SplitData:
         """The images at `index` (a tensor of positions), in that order."""
@@ -196,6 +187,18 @@ def read_digits(root: Path, rel_paths: list[str]) -> np.ndarray:
     df = read_table(meta, {"digit": 10}, f"rebuild it with `shortcut-study data annotate {root} --force`")
     digit_of = dict(zip(df["file"], df["digit"]))
     return np.asarray([digit_of.get(r, -1) for r in rel_paths], dtype=np.int64)
+
+
+def split_agreement(data_dir: str | Path, split: str = "train") -> float:
+    """Fraction of a split's images whose digit equals the label, from `metadata.csv` (the digits
+    the builder drew or the oracle read); NaN where the digits are unknown."""
+    root = Path(data_dir)
+    entries = list_split_files(root, split)
+    digits = read_digits(root, [r for r, _ in entries])
+    labels = np.asarray([lab for _, lab in entries], dtype=np.int64)
+    if not len(digits) or (digits < 0).any() or (labels < 0).any():
+        return float("nan")
+    return float((digits == labels).mean())
 
 
 def read_test_labels(root: Path, rel_paths: list[str]) -> np.ndarray:

@@ -3,8 +3,8 @@
 A method is built from the model being trained (the module the step calls), its own
 hyperparameters (declared once in `hparams`, default and search range side by side) and a
 `TrainContext` (the training split on the device, the config, the runtime, helpers). The loop asks
-it for the loss of each batch and calls its hooks; whatever it keeps between steps goes through
-`state_dict` / `load_state_dict`, so `--resume` restores it.
+it for the loss of each batch, for the order of each epoch's images, and calls its hooks; whatever
+it keeps between steps goes through `state_dict` / `load_state_dict`, so `--resume` restores it.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..batch import NUM_GROUPS, Batch
+from ..batch import Batch
 from ..config import Config, Param
 from ..data.layout import SplitData
 from ..errors import UserError
+from ..groups import group_ids, num_groups
 from ..registry import METHODS
 from ..runtime import Runtime
 
@@ -30,11 +31,14 @@ class TrainContext:
     """What a method may use besides the batch."""
 
     cfg: Config
-    train: SplitData  # the training split, images / labels / digits / groups on the device
+    train: SplitData  # the training split, images / labels / digits on the device
     rt: Runtime
     data_dir: str
-    # Trains a fresh model with plain ERM on the training split for N epochs (JTT's first stage).
-    train_erm: Callable[[int], nn.Module]
+    # A fresh model initialised as the trained one is (train.init): LfF's biased model.
+    new_model: Callable[[], nn.Module]
+    # The epoch-N snapshot of an ERM run on a recipe (its schedule over that recipe's
+    # train.epochs): JTT's identification model.
+    train_erm: Callable[[int, Config], nn.Module]
     # Logits of a model on uint8 images, in eval mode, no augmentation.
     predict: Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -54,8 +58,8 @@ class Method:
 
     name: ClassVar[str] = ""
     hparams: ClassVar[dict[str, Param]] = {}
-    # Where the method needs group labels (class x digit-aligned): "train" (in training), "val"
-    # (to fit on held-out data) or None (never).
+    # Where the method needs group labels ((class, digit), `train.groups`): "train" (in training),
+    # "val" (to fit on held-out data) or None (never).
     uses_groups: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module, hp: dict[str, Any], ctx: TrainContext) -> None:
@@ -74,10 +78,15 @@ class Method:
         """Parameters besides the model's that the optimizer should train (LfF's biased model)."""
         return []
 
-    def sample_weights(self) -> torch.Tensor | None:
-        """Per-image draw weights for the next epoch (drawn with replacement), or None for a
-        plain shuffle."""
+    # ---- the epoch ----
+    def epoch_order(self) -> torch.Tensor | None:
+        """Positions in the training split of the next epoch's images, in order (draws with
+        replacement, repeats), or None for a plain shuffle of every image once."""
         return None
+
+    def epoch_length(self) -> int:
+        """Images per epoch (sizes the schedule): the training split, unless `epoch_order` says otherwise."""
+        return len(self.ctx.train)
 
     # ---- hooks ----
     def prepare(self) -> None:
@@ -101,10 +110,26 @@ class Method:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
-    # ---- helpers ----
+    # ---- groups ----
+    @property
+    def num_groups(self) -> int:
+        return num_groups(self.ctx.cfg.train.groups)
+
+    def groups_of(self, split: SplitData) -> torch.Tensor:
+        """Group id of each image of `split` under `train.groups`."""
+        return group_ids(split.labels, split.digits, self.ctx.cfg.train.groups)
+
     def group_counts(self) -> torch.Tensor:
-        """Training images per group (NUM_GROUPS,), on the device."""
-        return torch.bincount(self.ctx.train.groups, minlength=NUM_GROUPS).float()
+        """Training images per group (num_groups,), on the device."""
+        return torch.bincount(self.groups_of(self.ctx.train), minlength=self.num_groups).float()
+
+    def group_balanced_order(self) -> torch.Tensor:
+        """N draws with replacement, each image with probability proportional to 1 / (its group's
+        size): every group equally likely in expectation (group_DRO `data/dro_dataset.py`,
+        `get_loader(reweight_groups=True)`: WeightedRandomSampler(len / group_counts[g], len, replacement=True))."""
+        counts = self.group_counts()
+        weights = (len(self.ctx.train) / counts.clamp(min=1))[self.groups_of(self.ctx.train)]
+        return torch.multinomial(weights, len(self.ctx.train), replacement=True)
 
 
 def check_groups(method_cls: type[Method], train: SplitData, val: SplitData, data_dir: str) -> None:
@@ -112,5 +137,5 @@ def check_groups(method_cls: type[Method], train: SplitData, val: SplitData, dat
     split = {"train": train, "val": val}.get(method_cls.uses_groups or "")
     if split is not None and not split.has_digits:
         raise UserError(f"method {method_cls.name} needs digit labels on the {method_cls.uses_groups} split "
-                        f"(groups = class x digit-aligned) and {data_dir} has none: run "
+                        f"(groups = (class, digit)) and {data_dir} has none: run "
                         f"`shortcut-study data annotate {data_dir}`")

@@ -1,11 +1,17 @@
 """Learning from Failure (Nam, Cha, Ahn, Lee & Shin 2020, "Learning from Failure: Training Debiased
-Classifier from Biased Classifier", NeurIPS).
+Classifier from Biased Classifier", NeurIPS), as the authors' code does it (alinlab/LfF):
 
-Two models train side by side on the same batches. The biased model minimises the generalized
-cross-entropy (GCE, q), which amplifies its reliance on whatever is easy — here the digit. The
-debiased model (the one kept) minimises cross-entropy weighted by the relative difficulty
-W(x) = CE_B(x) / (CE_B(x) + CE_D(x)), with per-sample losses smoothed by an exponential moving
-average (alpha) and normalised by their class maximum, as in the authors' code. No group labels.
+Two models, initialised alike, train side by side on the same batches (`train.py`: `model_b`,
+`model_d` from the same `get_model`). The biased model minimises the generalized cross-entropy
+(`module/loss.py`, `GeneralizedCELoss`: CE * p_y^q * q, the weight detached), which amplifies its
+reliance on whatever is easy — here the digit. The debiased model (the one kept) minimises
+cross-entropy weighted by the relative difficulty W(x) = CE_B(x) / (CE_B(x) + CE_D(x) + 1e-8), the
+per-sample losses smoothed by an exponential moving average (`util.py`, `EMA.update`: the first
+visit takes the loss itself, later ones alpha * old + (1 - alpha) * new) and divided by their
+class's maximum over the whole training set (`EMA.max_loss`). No group labels.
+
+Deviations: one optimizer steps both models (the reference has one each, with the same settings —
+the same updates for SGD); SubpopBench's q range, U(0.05, 0.95) (`hparams_registry.py`).
 """
 
 from __future__ import annotations
@@ -18,14 +24,13 @@ from torch import nn
 
 from ..batch import Batch
 from ..config import NUM_CLASSES, Param
-from ..model import CNN
 from .base import Method, TrainContext, method
 
 
 @method("lff")
 class LfF(Method):
     hparams = {
-        "q": Param(0.7, low=0.3, high=0.9, minimum=0.01, maximum=1.0, help="GCE exponent of the biased model"),
+        "q": Param(0.7, low=0.05, high=0.95, minimum=0.01, maximum=1.0, help="GCE exponent of the biased model"),
         "ema": Param(0.7, low=0.5, high=0.99, minimum=0.0, maximum=0.999,
                      help="alpha: moving-average factor of the per-sample losses"),
     }
@@ -33,9 +38,7 @@ class LfF(Method):
     def __init__(self, model, hp, ctx: TrainContext) -> None:
         super().__init__(model, hp, ctx)
         device = ctx.train.labels.device
-        self.biased = CNN().to(device)
-        if ctx.rt.channels_last:
-            self.biased = self.biased.to(memory_format=torch.channels_last)
+        self.biased = ctx.new_model()  # initialised as the debiased model is (train.init)
         n = len(ctx.train)
         self.loss_ema = torch.zeros(2, n, device=device)  # row 0 biased, row 1 debiased
         self.seen = torch.zeros(n, dtype=torch.bool, device=device)

@@ -1,12 +1,12 @@
 """Group-balanced training with group labels: reweighting the loss, or resampling the data, so each
-(class x digit-aligned) group counts equally (e.g. Sagawa et al. 2020, section 3; Idrissi et al.
-2022, "Simple data balancing achieves competitive worst-group-accuracy").
+group (`train.groups`; by default the 100 (class, digit) cells) counts equally. With the 100 cells
+balanced, the digit carries no information about the label, as in the unbiased val and test sets.
 
-`target` chooses what "balanced" means. `balanced` (the literature's default) gives the 20 groups
-equal weight, so within each class the digit agrees with the label half the time: a correlation
-still five times the independent rate. `independent` weights each class's aligned images to 1/10 of
-the class (a uniform digit), the distribution of the unbiased val and test sets: the digit then
-carries no information about the label.
+Reweighting is SubpopBench's `ReWeight` (`subpopbench/learning/algorithms.py`: per-sample loss
+times the inverse frequency of its group, normalised to mean 1); resampling is group_DRO's
+`--reweight_groups` sampler without the robust loss (`data/dro_dataset.py`) and SubpopBench's
+`ReSamp` (`group_balanced=True`) — both as in Idrissi et al. 2022, "Simple data balancing achieves
+competitive worst-group-accuracy" (BalancingGroups `SUBG` / `RWG`).
 """
 
 from __future__ import annotations
@@ -14,37 +14,27 @@ from __future__ import annotations
 import torch
 
 from ..batch import Batch
-from ..config import NUM_CLASSES, Param
 from .base import Method, TrainContext, method
 
-TARGET = Param("balanced", choices=("balanced", "independent"),
-               help="equal groups, or the digit independent of the label (aligned = 1/10 of each class)")
 
-
-def balancing_weights(counts: torch.Tensor, target: str) -> torch.Tensor:
-    """Per-group weight (NUM_GROUPS,) with mean 1 over the images: groups 2c / 2c+1 are class c's
-    digit-conflicting / digit-aligned images; 0 for an absent group."""
+def balancing_weights(counts: torch.Tensor) -> torch.Tensor:
+    """Per-group weight N / (G * n_g), G the groups present, 0 for an absent group: each present
+    group weighs 1 / G in the loss, and the weights average 1 over the images."""
     present = counts > 0
     weights = torch.zeros_like(counts)
-    if target == "balanced":
-        weights[present] = counts.sum() / (present.sum() * counts[present])
-        return weights
-    share = torch.tensor([1 - 1 / NUM_CLASSES, 1 / NUM_CLASSES], device=counts.device).repeat(NUM_CLASSES)
-    per_class = counts.view(NUM_CLASSES, 2).sum(1).repeat_interleave(2)
-    weights[present] = (share * per_class)[present] / counts[present]
-    return weights * counts.sum() / (weights * counts).sum()
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights
 
 
 @method("reweight")
 class Reweight(Method):
-    """Cross-entropy weighted per group (see `target`)."""
+    """Cross-entropy weighted per group, every group weighing the same."""
 
-    hparams = {"target": TARGET}
     uses_groups = "train"
 
     def __init__(self, model, hp, ctx: TrainContext) -> None:
         super().__init__(model, hp, ctx)
-        self.weights = balancing_weights(self.group_counts(), hp["target"])
+        self.weights = balancing_weights(self.group_counts())
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(batch.x)
@@ -53,11 +43,10 @@ class Reweight(Method):
 
 @method("resample")
 class Resample(Method):
-    """Each epoch draws N images with replacement, with probability proportional to their group's
-    weight (see `target`): balanced batches, plain cross-entropy."""
+    """Each epoch draws N images with replacement, group-balanced: plain cross-entropy on batches in
+    which every group is equally likely."""
 
-    hparams = {"target": TARGET}
     uses_groups = "train"
 
-    def sample_weights(self) -> torch.Tensor:
-        return balancing_weights(self.group_counts(), self.hp["target"])[self.ctx.train.groups]
+    def epoch_order(self) -> torch.Tensor:
+        return self.group_balanced_order()
