@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from .augment import normalize
-from .config import NUM_CLASSES, NUM_DIGITS, Config, GeometryConfig
+from .config import EVAL_BATCH_SIZE, NUM_CLASSES, NUM_DIGITS, Config, GeometryConfig
 from .crossed import can_cross, crossed_views
 from .data.layout import SplitData, read_images
 from .errors import UserError, require_dir, require_file, require_writable, write_text_atomic
 from .metrics import Scores, eval_metrics, format_metrics
-from .model import load_model
+from .model import CNN, folded_for_inference, load_model
 from .registry import TTA
 from .run import CONFIG_FILE, MODEL_FILE, Run
 from .runtime import Runtime, resolve_runtime
@@ -29,8 +29,17 @@ RUBRIC = ((75.0, "≥ 75 % (20 pts)"), (70.0, "70–75 % (15 pts)"), (65.0, "65�
           (60.0, "60–65 % (5 pts)"))
 
 
+def _predictor(model: nn.Module, rt: Runtime) -> tuple[nn.Module, torch.dtype]:
+    """The module that predicts for `model`, and its input dtype: on a CPU with bf16, the CNN with
+    its batch norms folded and bf16 weights (`model.folded_for_inference`); else the model itself."""
+    if isinstance(model, CNN) and rt.bf16 and rt.device.type == "cpu":
+        folded = folded_for_inference(model, torch.bfloat16)
+        return (folded.to(memory_format=torch.channels_last) if rt.channels_last else folded), torch.bfloat16
+    return model, torch.float32
+
+
 @torch.no_grad()
-def predict_logits(model: nn.Module, images_u8: torch.Tensor, rt: Runtime, batch_size: int = 1024,
+def predict_logits(model: nn.Module, images_u8: torch.Tensor, rt: Runtime, batch_size: int = EVAL_BATCH_SIZE,
                    tta: str = "none", geom: GeometryConfig | None = None) -> torch.Tensor:
     """Logits (N, 10) on the CPU for uint8 images. With test-time augmentation (`TTA`), the log of
     the views' mean softmax probability."""
@@ -38,23 +47,24 @@ def predict_logits(model: nn.Module, images_u8: torch.Tensor, rt: Runtime, batch
         raise UserError(f"unknown test-time augmentation {tta!r}: choose one of {', '.join(TTA.names())}")
     was_training = model.training
     model.eval()
+    net, dtype = _predictor(model, rt)
     geom = geom or GeometryConfig()
     views = TTA[tta]
     out = []
     for start in range(0, len(images_u8), batch_size):
-        x = normalize(images_u8[start:start + batch_size].to(rt.device))
+        x = normalize(images_u8[start:start + batch_size].to(rt.device), dtype)
         with rt.autocast():
             if len(views) == 1:
-                logits = model(rt.prepare(views[0](x, geom))).float()
+                logits = net(rt.prepare(views[0](x, geom))).float()
             else:
-                probs = sum(model(rt.prepare(view(x, geom))).float().softmax(1) for view in views)
+                probs = sum(net(rt.prepare(view(x, geom))).float().softmax(1) for view in views)
                 logits = (probs / len(views)).log()
         out.append(logits.cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, NUM_CLASSES)
 
 
-def crossed_predictions(model: nn.Module, split: SplitData, rt: Runtime, batch_size: int = 1024,
+def crossed_predictions(model: nn.Module, split: SplitData, rt: Runtime, batch_size: int = EVAL_BATCH_SIZE,
                         geom: GeometryConfig | None = None, seed: int = 0) -> np.ndarray | None:
     """(N, NUM_DIGITS) predicted class of every image of `split` rendered with each digit d (the
     crossed split, `crossed.py`), one view each; None when `can_cross(split)` is false.
@@ -77,7 +87,7 @@ def confusion(preds: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return confusion_matrix(labels, preds, labels=list(range(NUM_CLASSES)))
 
 
-def score_split(model: nn.Module, split: SplitData, rt: Runtime, batch_size: int = 1024, tta: str = "none",
+def score_split(model: nn.Module, split: SplitData, rt: Runtime, batch_size: int = EVAL_BATCH_SIZE, tta: str = "none",
                 geom: GeometryConfig | None = None, crossed: bool = True,
                 train_agreement: float = math.nan) -> Scores:
     """The model's predictions on `split` with `tta`'s views and, with `crossed` (where the split
@@ -88,7 +98,7 @@ def score_split(model: nn.Module, split: SplitData, rt: Runtime, batch_size: int
     return Scores(preds, split.labels.numpy(), split.digits.numpy(), cross, train_agreement)
 
 
-def evaluate_split(model: nn.Module, split: SplitData, rt: Runtime, batch_size: int = 1024, tta: str = "none",
+def evaluate_split(model: nn.Module, split: SplitData, rt: Runtime, batch_size: int = EVAL_BATCH_SIZE, tta: str = "none",
                    geom: GeometryConfig | None = None, crossed: bool = True,
                    train_agreement: float = math.nan) -> tuple[dict[str, float], np.ndarray]:
     """`eval_metrics` of the model on `split` (see `score_split`), and its predictions there."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -51,6 +52,21 @@ class CNN(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def folded_for_inference(model: CNN, dtype: torch.dtype) -> CNN:
+    """A copy for prediction only: each batch norm folded into the convolution before it (eval-mode
+    statistics) and the weights cast to `dtype`. Its logits are the model's; its intermediate
+    outputs are not the raw convolutions, so activation studies use the model itself. On a CPU with
+    bf16, predicting in bf16 weights runs ~1.4x the images/s of autocast (measured in evidence.md)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = copy.deepcopy(model).eval()
+    for i in range(1, 5):
+        setattr(folded, f"conv{i}", fuse_conv_bn_eval(getattr(folded, f"conv{i}"), getattr(folded, f"bn{i}")))
+        setattr(folded, f"bn{i}", nn.Identity())
+    return folded.to(dtype)
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

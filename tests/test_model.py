@@ -54,3 +54,22 @@ def test_load_model_round_trip_and_errors(tmp_path):
     torch.save([1, 2, 3], listy)
     with pytest.raises(UserError, match="not a state_dict"):
         load_model(listy)
+
+
+def test_the_folded_predictor_gives_the_models_logits():
+    from shortcut_study.model import folded_for_inference
+
+    torch.manual_seed(0)
+    model = CNN()
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):  # batch-norm statistics that are not the identity
+            model(torch.randn(64, 3, 40, 40) * 2 + 0.5)
+    model.eval()
+    x = torch.randn(16, 3, 40, 40)
+    folded = folded_for_inference(model, torch.float32)
+    assert torch.allclose(folded(x), model(x), atol=1e-4)
+    assert model.bn1.training is False and isinstance(model.bn1, torch.nn.BatchNorm2d)  # the model is untouched
+    bf16 = folded_for_inference(model, torch.bfloat16)
+    assert bf16.conv1.weight.dtype == torch.bfloat16
+    assert (bf16(x.bfloat16()).float().argmax(1) == model(x).argmax(1)).float().mean() >= 0.9
