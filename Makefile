@@ -24,7 +24,7 @@ EPOCHS ?=
 EPOCH_ARG := $(if $(EPOCHS),--epochs $(EPOCHS),)
 
 .PHONY: all setup data train predict evaluate test bench bench-quick methods sweep best report ui server clean \
-  compare compare-quick
+  compare compare-quick benchmark benchmark-quick
 
 all: setup data train predict evaluate
 
@@ -94,6 +94,19 @@ compare: $(VENV)
 compare-quick: GRID = experiments/compare-quick.toml
 compare-quick: COMPARE_OUT = $(RESULTS)/compare-quick
 compare-quick: compare
+
+# Every method tuned alike (experiments/benchmark.toml), then seeds of each choice; WORKERS, or
+# other hosts with STORAGE, share it. A part: BENCHMARK_ARGS="--set seeds=0 --part mine".
+SPEC ?= experiments/benchmark.toml
+BENCHMARK_ARGS ?=
+BENCHMARK_OUT ?= $(RESULTS)/benchmark
+benchmark: data $(VENV)
+	$(SS) benchmark --spec $(SPEC) --data $(DATA) --storage $(STORAGE) --tracking-uri $(TRACKING_URI) \
+	  --workers $(WORKERS) --out $(BENCHMARK_OUT) $(BENCHMARK_ARGS)
+
+benchmark-quick: SPEC = experiments/benchmark-quick.toml
+benchmark-quick: BENCHMARK_OUT = $(RESULTS)/benchmark-quick
+benchmark-quick: benchmark
 
 # A team's PostgreSQL (Optuna storage) + MLflow tracking server; prints the URLs workers pass.
 SERVER_HOST ?= 127.0.0.1

@@ -131,6 +131,28 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(compare(opts))
 
 
+def cmd_benchmark(args: argparse.Namespace) -> None:
+    from .benchmark import BenchmarkOptions, aggregate, benchmark, load_spec
+    from .trials import spawn_workers
+
+    opts = BenchmarkOptions(spec=load_spec(args.spec, args.set), data=Path(args.data), storage=args.storage,
+                            tracking_uri=args.tracking_uri, out=Path(args.out), part=args.part,
+                            timeout=args.timeout or None, heartbeat=args.heartbeat, grace=args.grace)
+    if args.aggregate:
+        print(aggregate(opts.out, opts.spec))
+        return
+    if args.workers < 1:
+        raise UserError(f"--workers must be >= 1 (got {args.workers})")
+    if args.workers > 1:
+        argv = sys.argv[1:] if args.argv is None else args.argv
+        code = spawn_workers(_without_flag(argv, "--workers"), args.workers)
+        if code:
+            raise UserError(f"a benchmark worker exited with code {code}; its error is above")
+        print(aggregate(opts.out, opts.spec))
+        return
+    print(benchmark(opts))
+
+
 def _without_flag(argv: list[str], flag: str) -> list[str]:
     out, skip = [], False
     for a in argv:
@@ -278,6 +300,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregate", action="store_true", help="only write the tables and plots of the finished cells")
     _add_set_arg(p, "seeds=0,1 (an axis), name=mine, or train.epochs=2 (the recipe)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("benchmark", help="every method tuned alike (the same settings budget, selection by "
+                       "worst-group val), then seeds of each choice on the final recipe, with 95 %% intervals")
+    p.add_argument("--spec", default="experiments/benchmark.toml", help="the benchmark's TOML file (or a name under experiments/)")
+    p.add_argument("--data", default="data/course")
+    p.add_argument("--storage", help="Optuna storage shared by every process (default: the sweep's)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db)")
+    p.add_argument("--out", default="results/benchmark", help="folder for chosen.json, runs/ and the table")
+    p.add_argument("--part", default="", help="name of what this command measures (default: host and date)")
+    p.add_argument("--timeout", type=float, default=0, help="seconds after which no new run starts; 0 = none")
+    _add_worker_args(p, "run", "benchmark")
+    p.add_argument("--aggregate", action="store_true", help="only write the table from the run files in --out")
+    _add_set_arg(p, "seeds=0 (a part), settings=2, or train.epochs=2 (both recipes)")
+    p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("best", help="export the best run's q1_model.pt and q1_test.txt")
     _add_study_args(p)

@@ -35,7 +35,7 @@ from .metrics import METRICS
 from .registry import METHODS
 from .study import DEFAULT_STORAGE, STUDIES, open_storage
 from .tracking import end_run_failed, file_lock, init_tracking
-from .trials import ClaimLock, WorkerSettings, creator_attr, ensure_parent_run, run_shared_trials
+from .trials import ClaimLock, WorkerSettings, creator_attr, ensure_parent_run, raised_since, run_shared_trials
 
 GRID_DIR = Path("experiments")
 DEFAULT_GRID = GRID_DIR / "compare.toml"
@@ -318,13 +318,6 @@ class CellSampler(optuna.samplers.GridSampler):
         pass
 
 
-def _raised_since(trial: optuna.trial.FrozenTrial, since: float) -> bool:
-    """The cell's run raised (its error recorded by the cell runner) in a trial started at or after
-    `since`; a killed worker's trial fails without an error."""
-    return (trial.state == TrialState.FAIL and "error" in trial.user_attrs
-            and trial.datetime_start is not None and trial.datetime_start.timestamp() >= since)
-
-
 def next_cell(study: optuna.Study, grid: Grid, since: float = 0.0) -> optuna.Trial | None:
     """The next cell to run (called with the claim held), or None when every cell is finished or
     running: a cell no trial has had yet, picked by the GridSampler; else a cell whose trial failed,
@@ -335,7 +328,7 @@ def next_cell(study: optuna.Study, grid: Grid, since: float = 0.0) -> optuna.Tri
     if any(t.state == TrialState.WAITING for t in trials):
         return study.ask()  # an enqueued cell whose process died before asking for it
     taken = {_cell_of(t.params) for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING)}
-    raised = {_cell_of(t.params) for t in trials if _raised_since(t, since)}
+    raised = {_cell_of(t.params) for t in trials if raised_since(t, since)}
     missing = [c for c in grid.cells if c not in taken and c not in raised]
     if not missing:
         return None
@@ -477,7 +470,7 @@ def failed_cells(study: optuna.Study, grid: Grid, since: float) -> list[str]:
     out = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         cell = _cell_of(t.params)
-        if cell and cell not in done and _raised_since(t, since):
+        if cell and cell not in done and raised_since(t, since):
             out[cell] = f"{cell.label}: {t.user_attrs['error']}"
     return list(out.values())
 

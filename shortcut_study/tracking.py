@@ -167,6 +167,32 @@ def end_run_failed(exc: BaseException) -> None:
     mlflow.end_run(status="FAILED")
 
 
+@contextlib.contextmanager
+def tracked_trial(experiment_id: str, parent: str, run_name: str, tags: dict[str, str],
+                  on_start: Any = None) -> Iterator[Any]:
+    """One trial as an MLflow child run of `parent`, created with its tags (so a killed worker's
+    run can be matched to its trial by `reconcile_failed_runs`): `on_start(run_id)` right after
+    (the trial records its run id), then the block; the run ends tagged COMPLETE, KILLED on a
+    prune, FAILED with the error on any other exception (re-raised: the trial fails too)."""
+    import mlflow
+    import optuna
+
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags, parent_run_id=parent,
+                          nested=True) as run:
+        if on_start is not None:
+            on_start(run.info.run_id)
+        try:
+            yield run
+        except optuna.TrialPruned:
+            mlflow.set_tag("state", "PRUNED")
+            mlflow.end_run(status="KILLED")
+            raise
+        except Exception as exc:
+            end_run_failed(exc)
+            raise
+        mlflow.set_tag("state", "COMPLETE")
+
+
 def device_tag() -> str:
     import torch
 

@@ -235,6 +235,30 @@ class WorkerSettings:
     retry: bool = True  # enqueue a silent trial's parameters again (the sweep; compare re-picks cells itself)
 
 
+def raised_since(trial: FrozenTrial, since: float) -> bool:
+    """The trial's run raised (its error recorded as the `error` user attribute) and it started at
+    or after `since`; a killed worker's trial fails without an error."""
+    return (trial.state == TrialState.FAIL and "error" in trial.user_attrs
+            and trial.datetime_start is not None and trial.datetime_start.timestamp() >= since)
+
+
+def next_listed(study: optuna.Study, jobs: list[dict[str, Any]], since: float) -> optuna.Trial | None:
+    """The next of a fixed list of jobs to run (call with the claim held): an enqueued one left
+    waiting by a process that died; else the first job (identified by its `job` number) that no
+    trial has finished or is running, nor failed with an error since `since` (a deterministic error
+    is not retried in a loop; the next command retries it once, after a fix); None when none is left."""
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.WAITING for t in trials):
+        return study.ask()
+    taken = {t.params.get("job") for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING)}
+    taken |= {t.params.get("job") for t in trials if raised_since(t, since)}
+    for job in jobs:
+        if job["job"] not in taken:
+            study.enqueue_trial(job, skip_if_exists=False)
+            return study.ask()
+    return None
+
+
 def creator_attr(study: optuna.Study, key: str, tries: int = 50) -> Any:
     """A study attribute its creating process writes right after creating it: another process
     that found the study may look before it is there, so wait for it (up to 10 s)."""
@@ -328,11 +352,12 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, run_trial: Callable[[optu
 
 def run_shared_trials(study: optuna.Study, claim: ClaimLock, next_trial: Callable[[optuna.Study], optuna.Trial | None],
                       run_trial: Callable[[optuna.Trial], float], settings: WorkerSettings,
-                      after_trial: Callable[[FrozenTrial], None]) -> None:
+                      after_trial: Callable[[FrozenTrial], None], wait: bool = True) -> None:
     """One worker's loop over a study shared with others: fail silent trials (and their MLflow
     runs), claim the next trial (`next_trial`, called with the claim held: a new trial, or None when
-    nothing is left to claim), run it, repeat; wait for the others' running trials to end before
-    leaving, since a silent one will be failed and rerun. A database that goes away is waited for,
+    nothing is left to claim), run it, repeat; with `wait`, wait for the others' running trials to
+    end before leaving, since a silent one will be failed and rerun (without, leave at once: the
+    caller has other studies to serve and comes back). A database that goes away is waited for,
     up to STORAGE_PATIENCE seconds; MAX_FAILURES_IN_A_ROW failed trials end the worker."""
     errors: list[str] = []
     in_a_row = 0
@@ -346,7 +371,7 @@ def run_shared_trials(study: optuna.Study, claim: ClaimLock, next_trial: Callabl
                 trial = next_trial(study)
                 if trial is None:
                     claim.release()
-                    if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+                    if not wait or not study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
                         break
                     time.sleep(min(settings.heartbeat, 5))  # others' trials: a silent one will be failed, then rerun
                     continue

@@ -75,6 +75,16 @@ def dataset(sources, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def wide_dataset(sources, tmp_path_factory) -> Path:
+    """A tiny dataset whose val shows every digit (the crossed val needs a donor of each)."""
+    out = tmp_path_factory.mktemp("wide") / "course"
+    assert main(["data", "build", "--cifar", str(sources["cifar_tgz"]), "--mnist", str(sources["mnist_tgz"]),
+                 "--out", str(out), "--set", "build.train_size=100", "--set", "build.val_size=60",
+                 "--set", "build.test_size=40"]) == 0
+    return out
+
+
 TINY_TRAIN = ["--set", "train.batch_size=32", "--set", "train.eval_batch_size=64", "--epochs", "2"]
 
 

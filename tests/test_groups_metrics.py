@@ -18,8 +18,6 @@ from shortcut_study.metrics import METRICS, Metric, Scores, eval_metrics
 from shortcut_study.train import fast_batches, fit, load_data
 from shortcut_study.runtime import resolve_runtime
 
-from .conftest import TINY_BUILD
-
 TINY = ["--set", "train.batch_size=32", "--set", "train.eval_batch_size=64"]
 
 
@@ -90,20 +88,10 @@ def test_a_shuffled_batch_carries_the_digits_it_shows(dataset):
     assert torch.equal(batch.group, group_ids(batch.y, batch.digit))
 
 
-@pytest.fixture(scope="module")
-def wide_val(sources, tmp_path_factory):
-    """A dataset whose val shows every digit (the crossed val needs donors of each)."""
-    out = tmp_path_factory.mktemp("wide") / "course"
-    assert main(["data", "build", "--cifar", str(sources["cifar_tgz"]), "--mnist", str(sources["mnist_tgz"]),
-                 "--out", str(out), "--set", "build.train_size=100", "--set", "build.val_size=60",
-                 "--set", "build.test_size=40"]) == 0
-    return out
-
-
-def test_worst_group_selection_trains_and_scores_the_crossed_val(wide_val, tmp_path):
+def test_worst_group_selection_trains_and_scores_the_crossed_val(wide_dataset, tmp_path):
     cfg = make_config(sets=["train.select=worst_group", "train.epochs=2", "train.batch_size=32",
                             "train.eval_batch_size=64", "augment.digit_shuffle_p=0"])
-    result = fit(cfg, wide_val, tmp_path / "r", quiet=True)
+    result = fit(cfg, wide_dataset, tmp_path / "r", quiet=True)
     scored = [h for h in result.history if "val_worst_group_acc" in h]
     assert len(scored) == 2  # every evaluated epoch scored on the crossed val
     best = max(scored, key=lambda h: h["val_worst_group_acc"])
@@ -112,7 +100,7 @@ def test_worst_group_selection_trains_and_scores_the_crossed_val(wide_val, tmp_p
     assert result.val_scores.crossed.shape == (60, 10) and result.model is not None
     from shortcut_study.diagnostics import score_run
 
-    test, _, _ = score_run(tmp_path / "r", wide_val)
+    test, _, _ = score_run(tmp_path / "r", wide_dataset)
     assert 0 <= test["worst_group_acc"] <= test["mean_group_acc"] <= 100 and math.isfinite(test["id_acc"])
 
 

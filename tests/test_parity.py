@@ -81,7 +81,7 @@ class ReferenceLossComputer:
 @pytest.mark.parametrize("adjustment", [0.0, 2.0])
 def test_groupdro_loss_and_q_match_group_dro_loss_py(adjustment):
     train = _split(2000)
-    ours = _method("groupdro", [f"method.eta=0.3", f"method.adjustment={adjustment}"], train, Slice(0, 10))
+    ours = _method("groupdro", ["method.eta=0.3", f"method.adjustment={adjustment}"], train, Slice(0, 10))
     counts = torch.bincount(group_ids(train.labels, train.digits), minlength=100).float()
     assert (counts > 0).all()  # every group present, as the reference assumes
     ref = ReferenceLossComputer(100, counts, adjustment, 0.3)

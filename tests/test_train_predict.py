@@ -19,7 +19,6 @@ from shortcut_study.errors import UserError
 from shortcut_study.model import CNN
 from shortcut_study.train import fit
 
-from .conftest import TINY_TRAIN
 
 
 def test_train_writes_checkpoints_and_history(trained_run):

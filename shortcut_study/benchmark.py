@@ -1,0 +1,553 @@
+"""`benchmark`: every method tuned alike, then several seeds of each method's chosen setting.
+
+The protocol is SubpopBench's (and BalancingGroups', DomainBed's): for each method the same number
+of hyperparameter *settings* — setting 0 the defaults, the others drawn at random from the method's
+declared search ranges plus the shared learning rate and weight decay (Optuna's `RandomSampler`,
+seeded by the benchmark and method name, so every process and host draws the same settings) — each
+one training run on the *search* recipe, its epochs selected by worst-group val. The setting with
+the best worst-group val is the method's choice; beside it, the attribute-free rule picks by
+worst-class val. Then each (method, rule)'s chosen setting trains with every seed on the *final*
+recipe and is scored on the test set; the table gives every metric of `metrics.METRICS` as mean ±
+95 % interval over seeds. ERM + digit shuffle (ERM's choice, plus the intervention that knows where
+the digit is) is a labelled reference row, not a competitor.
+
+Each method's settings are one Optuna study (`benchmark-NAME-METHOD`) and the seed runs another
+(`benchmark-NAME-seeds`), in the sweep's storage and run by the sweep's worker loop (`trials.py`):
+several processes on one host or many share them, a killed worker's trial is failed by its
+heartbeat and run again, a finished one never is; each trial is an MLflow child run of the
+benchmark's parent run.
+
+**Measured in parts.** What a benchmark has measured lives in its output folder too, as files meant
+to be committed: `chosen.json` (the settings and each method's choice) and `runs/*.json` (one per
+finished seed run: its test metrics, the part it belongs to, the machine line, the commit). A part —
+some seeds today (`--seeds 0`), the rest another day or on another machine (`--seeds 1,2`, a storage
+of its own) — reuses `chosen.json` instead of searching again; the table is aggregated from the run
+files alone and says which parts it holds and where each ran.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import socket
+import time
+import tomllib
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from .config import SELECT_METRICS, Config, Param, make_config
+from .errors import UserError, atomic_path, require_writable, write_text_atomic
+from .metrics import METRICS, seed_interval
+from .registry import METHODS
+from .study import DEFAULT_STORAGE, SEARCH_SPACE, STUDIES, open_storage
+from .trials import ClaimLock, WorkerSettings, creator_attr, ensure_parent_run, next_listed, run_shared_trials
+
+# Every method's shared dimensions, as the sweep declares them.
+SHARED_SPACE: dict[str, Param] = {k: SEARCH_SPACE[k] for k in ("train.lr", "train.weight_decay")}
+RULES = ("worst_group", "worst_class")  # model-selection rules (`train.select`): with and without attributes
+SHUFFLE = "+shuffle"
+DEFAULT_SPEC = Path("experiments") / "benchmark.toml"
+KEYS = ("name", "methods", "reference", "settings", "seeds", "rules", "preset", "search", "final")
+
+
+@dataclass
+class BenchmarkSpec:
+    name: str = "benchmark"
+    methods: tuple[str, ...] = ("erm", "reweight", "resample", "groupdro", "jtt", "lff", "dfr")
+    reference: tuple[str, ...] = ("erm+shuffle",)  # ERM's choice + digit shuffle: reported, not tuned
+    settings: int = 4  # hyperparameter settings per method (the same budget for every method)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    rules: tuple[str, ...] = RULES
+    preset: str = "final"
+    search: dict[str, dict[str, Any]] = field(default_factory=dict)  # [search.SECTION] over the preset
+    final: dict[str, dict[str, Any]] = field(default_factory=dict)  # [final.SECTION] over the preset
+    sets: tuple[str, ...] = ()  # --set section.field=value over both recipes
+
+    # ---- configs ----
+    def _sets(self, tables: dict[str, dict[str, Any]]) -> list[str]:
+        return [f"{section}.{key}={str(value).lower() if isinstance(value, bool) else value}"
+                for section, values in tables.items() for key, value in values.items()] + list(self.sets)
+
+    def search_config(self, method: str, params: dict[str, Any], seed: int) -> Config:
+        return make_config(self.preset, self._sets(self.search) + [
+            f"train.method={method}", "train.select=worst_group", f"train.seed={seed}",
+            *(f"{k}={v}" for k, v in params.items())])
+
+    def final_config(self, row: str, rule: str, params: dict[str, Any], seed: int) -> Config:
+        method, shuffle = (row[: -len(SHUFFLE)], True) if row.endswith(SHUFFLE) else (row, False)
+        return make_config(self.preset, self._sets(self.final) + [
+            f"train.method={method}", f"train.select={rule}", f"train.seed={seed}",
+            *(f"{k}={v}" for k, v in params.items()), *(["augment.digit_shuffle_p=1.0"] if shuffle else [])])
+
+    # ---- the settings ----
+    def space(self, method: str) -> dict[str, Param]:
+        own = {f"method.{k}": p for k, p in METHODS[method].hparams.items() if p.search}
+        return {**SHARED_SPACE, **own}
+
+    def settings_of(self, method: str) -> list[dict[str, Any]]:
+        """The method's settings: 0 the defaults of the search recipe, the rest drawn by a seeded
+        RandomSampler from `space(method)` — the same list in every process."""
+        space = self.space(method)
+        base = make_config(self.preset, self._sets(self.search) + [f"train.method={method}"]).flat()
+        settings = [{k: base[k] for k in space}]
+        sampler = optuna.samplers.RandomSampler(seed=zlib.crc32(f"{self.name}:{method}".encode()))
+        draws = optuna.create_study(sampler=sampler)
+        for _ in range(self.settings - 1):
+            trial = draws.ask()
+            settings.append({k: p.suggest(trial, k) for k, p in space.items()})
+        return settings
+
+    def rows(self) -> tuple[str, ...]:
+        return self.methods + self.reference
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What makes two benchmarks the same (seeds excluded: they are what parts split)."""
+        return {"methods": list(self.methods), "reference": list(self.reference), "settings": self.settings,
+                "rules": list(self.rules), "search": self.search_config(self.methods[0], {}, 0).flat(),
+                "final": self.final_config(self.methods[0], self.rules[0], {}, 0).flat()}
+
+    def validate(self) -> BenchmarkSpec:
+        """Every value and every run's config checked before any work."""
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
+            raise UserError(f"benchmark name {self.name!r}: use letters, digits, '-', '_' or '.'")
+        if not isinstance(self.settings, int) or isinstance(self.settings, bool) or not 1 <= self.settings <= 1000:
+            raise UserError(f"benchmark settings={self.settings!r}: give the number of settings per method, 1..1000")
+        if not self.methods:
+            raise UserError("benchmark methods is empty: give at least one method")
+        for name in self.methods:
+            METHODS[name]  # an unknown method is a one-line error naming the choices
+        for row in self.reference:
+            if not row.endswith(SHUFFLE) or row[: -len(SHUFFLE)] not in self.methods:
+                raise UserError(f"benchmark reference {row!r}: a reference row is METHOD{SHUFFLE} of a benchmarked method")
+        for rule in self.rules:
+            if rule not in SELECT_METRICS:
+                raise UserError(f"benchmark rule {rule!r}: choose among {', '.join(SELECT_METRICS)}")
+        if not self.seeds or any(s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+            raise UserError(f"benchmark seeds {list(self.seeds)}: give distinct integers >= 0")
+        for name in self.methods:
+            for params in self.settings_of(name):
+                self.search_config(name, params, 0)
+        for row in self.rows():
+            for rule in self.rules:
+                self.final_config(row, rule, {}, self.seeds[0])
+        return self
+
+
+def _tuple(key: str, value: Any, kind: type) -> tuple[Any, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, (str, int)) and not isinstance(i, bool) for i in items):
+        raise UserError(f"benchmark {key} must be a list, e.g. {key} = [\"erm\", \"jtt\"] or [0, 1, 2]")
+    try:
+        return tuple(kind(str(i).strip()) for i in items if str(i).strip())
+    except ValueError:
+        raise UserError(f"benchmark {key}: {value!r} is not a list of {kind.__name__}s") from None
+
+
+def _set_key(spec: BenchmarkSpec, key: str, value: Any, where: str) -> None:
+    if key in ("methods", "reference", "rules"):
+        spec.__dict__[key] = _tuple(key, value, str)
+    elif key == "seeds":
+        spec.seeds = _tuple(key, value, int)
+    elif key == "settings":
+        try:
+            spec.settings = int(value) if not isinstance(value, bool) and float(value) == int(float(value)) else value
+        except (TypeError, ValueError):
+            raise UserError(f"benchmark settings={value!r}: give the number of settings per method, 1..1000") from None
+    elif key in ("name", "preset"):
+        if not isinstance(value, str):
+            raise UserError(f"benchmark {key} in {where} must be a string")
+        spec.__dict__[key] = value.strip()
+    elif key in ("search", "final"):
+        if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+            raise UserError(f"benchmark {key} in {where} must hold [{key}.SECTION] tables, e.g. [{key}.train]")
+        spec.__dict__[key] = value
+    else:
+        raise UserError(f"unknown key {key!r} in {where}: keys are {', '.join(KEYS)}")
+
+
+def load_spec(path: str | Path | None = None, sets: list[str] | tuple[str, ...] = ()) -> BenchmarkSpec:
+    """The benchmark file (default `experiments/benchmark.toml`) with `--set` overrides: a key of
+    the file (`--set seeds=0`, `--set settings=2`) or a value of both recipes (`--set train.lr=0.1`)."""
+    path = Path(path) if path else DEFAULT_SPEC
+    if not path.suffix and not path.exists():
+        path = DEFAULT_SPEC.parent / f"{path}.toml"
+    if not path.is_file():
+        raise UserError(f"benchmark file not found: {path} — give --spec FILE.toml (see {DEFAULT_SPEC})")
+    try:
+        tree = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read benchmark file {path}: {exc}") from None
+    spec = BenchmarkSpec()
+    for key, value in tree.items():
+        _set_key(spec, key, value, str(path))
+    recipe = []
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r}: write it as KEY=VALUE (a benchmark key: {', '.join(KEYS[:7])}; or section.field)")
+        if key.strip() in KEYS[:7]:
+            _set_key(spec, key.strip(), value, "--set")
+        else:
+            recipe.append(item)
+    spec.sets = tuple(recipe)
+    return spec.validate()
+
+
+# ---- the studies -----------------------------------------------------------------------------------------
+
+@dataclass
+class BenchmarkOptions:
+    spec: BenchmarkSpec
+    data: Path
+    storage: str | None = None
+    tracking_uri: str | None = None
+    out: Path = Path("results") / "benchmark"
+    part: str = ""  # a name for what this command measures (default: host and date)
+    timeout: float | None = None
+    heartbeat: int = 30
+    grace: int = 90
+
+    def study_name(self, what: str) -> str:
+        return f"benchmark-{self.spec.name}-{what}"
+
+    @property
+    def part_name(self) -> str:
+        return self.part or f"{socket.gethostname()}-{dt.date.today():%Y%m%d}"
+
+
+def _open(opts: BenchmarkOptions, what: str) -> optuna.Study:
+    """A study of the benchmark, made by the first process; refused if the storage holds one of
+    this name made for another benchmark (methods, settings, rules or recipes)."""
+    storage, name = open_storage(opts.storage), opts.study_name(what)
+    fingerprint = json.loads(json.dumps(opts.spec.fingerprint()))
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+        study.set_user_attr("benchmark", fingerprint)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage)
+    stored = creator_attr(study, "benchmark")
+    if stored != fingerprint:
+        differs = sorted(k for k in set(fingerprint) | set(stored or {}) if (stored or {}).get(k) != fingerprint.get(k))
+        raise UserError(f"{opts.storage or DEFAULT_STORAGE} already holds benchmark {opts.spec.name!r} with another "
+                        f"budget or recipe (differs in {', '.join(differs)}) — give it another name (--set name=…)")
+    return study
+
+
+def setting_jobs(spec: BenchmarkSpec, method: str) -> list[dict[str, Any]]:
+    """The method's settings as listed jobs: the trial's one parameter is the setting's number (its
+    hyperparameters follow from it, the same in every process, and are logged with the run)."""
+    return [{"job": k} for k in range(spec.settings)]
+
+
+def seed_jobs(spec: BenchmarkSpec, rows: list[str]) -> list[dict[str, Any]]:
+    """(row, rule, seed) of the seed runs of `rows`, numbered in the spec's order (stable across parts)."""
+    every = [(row, rule, seed) for row in spec.rows() for rule in spec.rules for seed in sorted(spec.seeds)]
+    return [{"job": zlib.crc32(f"{r}:{u}:{s}".encode()) % 2**31, "row": r, "rule": u, "seed": s}
+            for r, u, s in every if r in rows]
+
+
+def chosen_setting(trials: list[optuna.trial.FrozenTrial], rule: str) -> optuna.trial.FrozenTrial | None:
+    """The finished setting with the best val score under `rule` (the lower setting on a tie): for
+    worst_group the selected epoch's crossed-val worst group, for worst_class the best epoch's."""
+    key = f"select_{rule}"
+    done = [t for t in trials if t.state == TrialState.COMPLETE and math.isfinite(t.user_attrs.get(key, math.nan))]
+    return max(done, key=lambda t: (t.user_attrs[key], -t.params["job"])) if done else None
+
+
+# ---- output files (the measured parts) -------------------------------------------------------------------
+
+CHOSEN_FILE = "chosen.json"
+RUNS_DIR = "runs"
+
+
+def run_file(out: Path, row: str, rule: str, seed: int) -> Path:
+    return out / RUNS_DIR / f"{row}__{rule}__seed{seed}.json"
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        tree = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {what} {path} ({str(exc)[:100]}) — remove it, or rerun the part that wrote it") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path} is not a {what} — remove it, or rerun the part that wrote it")
+    return tree
+
+
+def load_chosen(opts: BenchmarkOptions) -> dict[str, Any] | None:
+    """The settings chosen by an earlier part, if it searched the same benchmark."""
+    path = opts.out / CHOSEN_FILE
+    if not path.is_file():
+        return None
+    tree = read_json(path, "benchmark choice")
+    if tree.get("fingerprint") != json.loads(json.dumps(opts.spec.fingerprint())):
+        raise UserError(f"{path} was written by another benchmark (budget or recipe differ) — give another --out or "
+                        "remove it to search again")
+    return tree
+
+
+# ---- running it ------------------------------------------------------------------------------------------
+
+def _search_runner(opts: BenchmarkOptions, method: str, experiment_id: str, parent: str):
+    from .tracking import device_tag, git_commit, log_epoch, tracked_trial
+    from .train import fit
+
+    settings = opts.spec.settings_of(method)
+
+    def run(trial: optuna.Trial) -> float:
+        k = trial.suggest_int("job", 0, opts.spec.settings - 1)
+        params = settings[k]
+        trial.set_user_attr("params", params)
+        cfg = opts.spec.search_config(method, params, seed=k)
+        import mlflow
+
+        tags = {"study": opts.study_name(method), "trial": str(trial.number), "role": "setting", "method": method,
+                "git_commit": git_commit(), "device": device_tag()}
+        with tracked_trial(experiment_id, parent, f"{method} setting {k}", tags,
+                           lambda run_id: trial.set_user_attr("mlflow_run_id", run_id)):
+            mlflow.log_params({**cfg.flat(), "setting": k})
+            try:
+                result = fit(cfg, opts.data, STUDIES / opts.study_name(method) / f"setting-{k:03d}",
+                             on_epoch=lambda epoch, record: log_epoch(record), quiet=True)
+            except Exception as exc:
+                trial.set_user_attr("error", str(exc)[:300])
+                raise
+            scores = {"select_worst_group": result.best.get("worst_group_acc", math.nan),
+                      "select_worst_class": max((h.get("val_worst_class_acc", -math.inf) for h in result.history),
+                                                default=math.nan)}
+            for rule in opts.spec.rules:
+                scores.setdefault(f"select_{rule}", result.best.get(SELECT_METRICS[rule], math.nan))
+            mlflow.log_metrics({f"best_val_{k2}": v for k2, v in result.best.items() if math.isfinite(v)} | scores)
+            for key, value in {**scores, "train_seconds": result.train_seconds}.items():
+                trial.set_user_attr(key, value)
+            return float(scores["select_worst_group"])
+
+    return run
+
+
+def _seed_runner(opts: BenchmarkOptions, chosen: dict[str, Any], experiment_id: str, parent: str):
+    from .bench import machine_line
+    from .diagnostics import score_run
+    from .tracking import device_tag, git_commit, log_epoch, tracked_trial
+    from .train import fit
+
+    rows, rules = list(opts.spec.rows()), list(opts.spec.rules)
+    machine = machine_line()
+
+    def run(trial: optuna.Trial) -> float:
+        import mlflow
+
+        trial.suggest_int("job", 0, 2**31)
+        row, rule = trial.suggest_categorical("row", rows), trial.suggest_categorical("rule", rules)
+        seed = trial.suggest_int("seed", 0, 2**31)
+        method = row.removesuffix(SHUFFLE)
+        params = chosen[method][rule]["params"]
+        cfg = opts.spec.final_config(row, rule, params, seed)
+        run_dir = STUDIES / opts.study_name("seeds") / f"{row}-{rule}-seed{seed}"
+        tags = {"study": opts.study_name("seeds"), "trial": str(trial.number), "role": "seed", "method": row,
+                "rule": rule, "git_commit": git_commit(), "device": device_tag(), "part": opts.part_name}
+        started = time.time()
+        with tracked_trial(experiment_id, parent, f"{row} {rule} seed {seed}", tags,
+                           lambda run_id: trial.set_user_attr("mlflow_run_id", run_id)):
+            mlflow.log_params({**cfg.flat(), "row": row, "rule": rule})
+            try:
+                result = fit(cfg, opts.data, run_dir, on_epoch=lambda epoch, record: log_epoch(record), quiet=True)
+                test, _, _ = score_run(run_dir, opts.data)
+                if not test:
+                    raise UserError(f"{opts.data}/test has no labels: the benchmark scores seed runs on the labelled test split")
+            except Exception as exc:
+                trial.set_user_attr("error", str(exc)[:300])
+                raise
+            losses = [h["train_loss"] for h in result.history]
+            record = {"row": row, "rule": rule, "seed": seed, "part": opts.part_name, "machine": machine,
+                      "commit": git_commit(), "params": params, "setting": chosen[method][rule]["setting"],
+                      "test": {k: v for k, v in test.items() if k in METRICS},
+                      "val": {k: v for k, v in result.best.items() if k in METRICS},
+                      "train_loss_first": losses[0], "train_loss_last": losses[-1],
+                      "epochs": cfg.train.epochs,
+                      "images": sum(h["images_per_s"] * h["train_seconds"] for h in result.history),
+                      "train_seconds": result.train_seconds, "started": started, "ended": time.time()}
+            write_text_atomic(run_file(opts.out, row, rule, seed), json.dumps(record, indent=2, sort_keys=True) + "\n")
+            mlflow.log_metrics({f"test_{k}": v for k, v in record["test"].items() if math.isfinite(v)})
+            return float(test.get(SELECT_METRICS[rule], math.nan))
+
+    return run
+
+
+def _search_complete(study: optuna.Study, settings: int) -> bool:
+    done = {t.params.get("job") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    return len(done) >= settings
+
+
+def _choose(opts: BenchmarkOptions, studies: dict[str, optuna.Study]) -> dict[str, Any]:
+    """Each method's chosen setting per rule (reference rows take their method's), written to
+    `chosen.json` with every setting's val scores."""
+    chosen, search = {}, []
+    for method, study in studies.items():
+        trials = study.get_trials(deepcopy=False)
+        chosen[method] = {}
+        for rule in opts.spec.rules:
+            best = chosen_setting(trials, rule)
+            chosen[method][rule] = {"setting": best.params["job"], "params": best.user_attrs["params"],
+                                    "val": best.user_attrs[f"select_{rule}"]}
+        for t in trials:
+            if t.state == TrialState.COMPLETE:
+                search.append({"method": method, "setting": t.params["job"], "params": t.user_attrs["params"],
+                               **{k: t.user_attrs.get(k) for k in t.user_attrs if k.startswith("select_")},
+                               "train_seconds": t.user_attrs.get("train_seconds")})
+    tree = {"fingerprint": json.loads(json.dumps(opts.spec.fingerprint())), "chosen": chosen, "search": search}
+    write_text_atomic(opts.out / CHOSEN_FILE, json.dumps(tree, indent=2, sort_keys=True) + "\n")
+    return tree
+
+
+def benchmark(opts: BenchmarkOptions) -> str:
+    """Run (or join, or resume) the benchmark until every setting and every seed run of
+    `opts.spec.seeds` is finished (or `timeout` passes), then aggregate the output folder."""
+    from .data.layout import load_split
+    from .tracking import init_tracking
+
+    spec = opts.spec
+    require_writable(opts.out, "folder")
+    load_split(opts.data, "val")  # fail fast on a missing dataset
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    earlier = load_chosen(opts)
+    studies = {} if earlier else {m: _open(opts, m) for m in spec.methods}
+    seeds_study = _open(opts, "seeds")
+    experiment_id = init_tracking(opts.tracking_uri, f"benchmark-{spec.name}")
+    claim = ClaimLock(opts.storage or DEFAULT_STORAGE, opts.study_name("seeds"))
+    claim.acquire()  # processes starting together: one makes the parent run, the others find it
+    try:
+        parent = ensure_parent_run(seeds_study, experiment_id, f"benchmark {spec.name}",
+                                   {"role": "benchmark", "study": opts.study_name("seeds")},
+                                   {"methods": ",".join(spec.methods), "reference": ",".join(spec.reference),
+                                    "settings": spec.settings, "rules": ",".join(spec.rules), "preset": spec.preset})
+    finally:
+        claim.release()
+    worker = WorkerSettings(experiment_id=experiment_id, heartbeat=opts.heartbeat, grace=opts.grace,
+                            deadline=time.monotonic() + opts.timeout if opts.timeout else math.inf,
+                            storage=opts.storage or DEFAULT_STORAGE, retry=False)
+    since = time.time()
+    print(f"benchmark {spec.name}: {len(spec.methods)} methods x {spec.settings} settings, then "
+          f"{len(seed_jobs(spec, list(spec.rows())))} seed runs ({opts.part_name})", flush=True)
+
+    def report(frozen: optuna.trial.FrozenTrial) -> None:
+        what = ", ".join(f"{k} {v}" for k, v in frozen.params.items() if k != "job")
+        print(f"  {frozen.state.name.lower():<8} {what}", flush=True)
+
+    try:
+        while time.monotonic() < worker.deadline:
+            for method, study in studies.items():  # claim what is free; come back for the rest
+                jobs = setting_jobs(spec, method)
+                run_shared_trials(study, ClaimLock(opts.storage or DEFAULT_STORAGE, study.study_name),
+                                  lambda s, jobs=jobs: next_listed(s, jobs, since),
+                                  _search_runner(opts, method, experiment_id, parent), worker, report, wait=False)
+            ready = [m for m in spec.methods if earlier or _search_complete(studies[m], spec.settings)]
+            if ready and len(ready) == len(spec.methods):
+                chosen = (earlier or _choose(opts, studies))["chosen"]
+                rows = list(spec.rows())
+                run_shared_trials(seeds_study, ClaimLock(opts.storage or DEFAULT_STORAGE, seeds_study.study_name),
+                                  lambda s: next_listed(s, seed_jobs(spec, rows), since),
+                                  _seed_runner(opts, chosen, experiment_id, parent), worker, report, wait=True)
+                break
+            if not _anything_running(studies):
+                failed = [m for m in spec.methods if m not in ready]
+                raise UserError(f"the search of {', '.join(failed)} did not finish: a setting failed (its error is in "
+                                "MLflow and above) — fix the cause and run the command again to retry it")
+            time.sleep(min(opts.heartbeat, 5))  # others' settings still run: their seeds follow
+    finally:
+        table = aggregate(opts.out, spec) if (opts.out / RUNS_DIR).is_dir() else ""
+    return table
+
+
+def _anything_running(studies: dict[str, optuna.Study]) -> bool:
+    return any(s.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)) for s in studies.values())
+
+
+# ---- the table, from the files alone ---------------------------------------------------------------------
+
+def read_runs(out: Path) -> list[dict[str, Any]]:
+    return [read_json(p, "benchmark run") for p in sorted((out / RUNS_DIR).glob("*.json"))]
+
+
+def summary_rows(runs: list[dict[str, Any]], spec: BenchmarkSpec) -> list[dict[str, Any]]:
+    """Per (row, rule): seeds finished, the chosen setting, every interval metric's mean and 95 %
+    interval over seeds, and the seeds whose training loss ended above its start."""
+    rows = []
+    for row in spec.rows():
+        for rule in spec.rules:
+            mine = [r for r in runs if r["row"] == row and r["rule"] == rule and r["seed"] in spec.seeds]
+            out: dict[str, Any] = {"method": row, "rule": rule, "seeds_done": len(mine), "seeds": len(spec.seeds),
+                                   "params": mine[0]["params"] if mine else {},
+                                   "setting": mine[0]["setting"] if mine else None,
+                                   "not_converged": [r["seed"] for r in mine if r["train_loss_last"] > r["train_loss_first"]],
+                                   "parts": sorted({r["part"] for r in mine})}
+            for key, metric in METRICS.items():
+                if metric.interval:
+                    mean, sd, lo, hi = seed_interval(r["test"].get(key, math.nan) for r in mine)
+                    out |= {f"{key}_mean": mean, f"{key}_sd": sd, f"{key}_ci_low": lo, f"{key}_ci_high": hi}
+            rows.append(out)
+    return rows
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    mean, lo, hi = row[f"{key}_mean"], row[f"{key}_ci_low"], row[f"{key}_ci_high"]
+    if not math.isfinite(mean):
+        return "missing"
+    return f"{mean:.1f}" + (f" [{lo:.1f}, {hi:.1f}]" if math.isfinite(lo) else "")
+
+
+def aggregate(out: Path, spec: BenchmarkSpec) -> str:
+    """`benchmark.md` and `benchmark.csv` in `out` from its run files (every part that left them)."""
+    import pandas as pd
+
+    runs = read_runs(out)
+    rows = summary_rows(runs, spec)
+    keys = [k for k, m in METRICS.items() if m.interval]
+    flat = [{k: (json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v) for k, v in r.items()} for r in rows]
+    with atomic_path(out / "benchmark.csv") as tmp:
+        pd.DataFrame(flat).to_csv(tmp, index=False)
+    lines = ["| method | rule | seeds | " + " | ".join(METRICS[k].title for k in keys) + " | setting | not converged |",
+             "|" + "---|" * (5 + len(keys))]
+    for r in rows:
+        label = r["method"] + (" (reference: knows where the digit is)" if r["method"] in spec.reference else "")
+        params = ", ".join(f"{k.split('.', 1)[1]}={_short(v)}" for k, v in sorted(r["params"].items())) or "–"
+        lines.append(f"| {label} | {r['rule']} | {r['seeds_done']}/{r['seeds']} | "
+                     + " | ".join(_cell(r, k) for k in keys)
+                     + f" | {r['setting'] if r['setting'] is not None else '–'}: {params} | "
+                     f"{', '.join(map(str, r['not_converged'])) or '–'} |")
+    parts = {}
+    for r in runs:
+        p = parts.setdefault(r["part"], {"machine": r["machine"], "runs": 0, "seconds": 0.0, "start": r["started"],
+                                         "end": r["ended"], "commit": r["commit"]})
+        p["runs"] += 1
+        p["seconds"] += r["train_seconds"]
+        p["start"], p["end"] = min(p["start"], r["started"]), max(p["end"], r["ended"])
+    part_lines = [f"- `{name}` ({p['runs']} seed runs, commit {p['commit']}, {(p['end'] - p['start']) / 60:.1f} min of wall "
+                  f"time from its first seed run's start to its last one's end, {p['seconds'] / 60:.1f} min of training): "
+                  f"{p['machine']}" for name, p in sorted(parts.items())]
+    budget = (f"{spec.settings} settings per method on the search recipe (epochs selected by worst-group val), then "
+              f"seeds {', '.join(map(str, spec.seeds))} of each chosen setting on the final recipe; rules: "
+              f"{', '.join(spec.rules)}")
+    search = spec.search_config(spec.methods[0], {}, 0).train
+    final = spec.final_config(spec.methods[0], spec.rules[0], {}, 0).train
+    text = "\n".join([
+        f"# Benchmark `{spec.name}`", "",
+        "Test accuracy (%) on the unbiased test set: mean over seeds with the 95 % Student-t interval in brackets. "
+        "`rule` is how the setting and the epoch were selected: `worst_group` by the worst (class, digit) cell of the "
+        "crossed val, `worst_class` by the worst class (no attribute needed). `not converged` lists seeds whose "
+        "training loss ended above its start.", "",
+        f"Budget: {budget}. Search recipe: preset `{spec.preset}`, {search.epochs} epochs, "
+        f"{search.subset or 'all'} training images. Final recipe: {final.epochs} epochs, {final.subset or 'all'} images.",
+        "", *lines, "", "Parts:", *(part_lines or ["- none yet"]), ""])
+    write_text_atomic(out / "benchmark.md", text)
+    return text
+
+
+def _short(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)

@@ -1,0 +1,107 @@
+"""The benchmark end to end on tiny data: two processes share it, no run is done twice, settings
+and epochs are selected by worst-group val, seeds are aggregated with intervals, and a part
+measured separately (another storage, another seed) merges into the same table."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+
+from shortcut_study.cli import main
+
+SPEC = """
+name = "tiny"
+methods = ["erm", "groupdro"]
+reference = ["erm+shuffle"]
+settings = 2
+seeds = [0, 1]
+rules = ["worst_group"]
+preset = "final"
+
+[search.train]
+epochs = 1
+batch_size = 32
+eval_batch_size = 64
+tta = "none"
+
+[final.train]
+epochs = 1
+batch_size = 32
+eval_batch_size = 64
+tta = "none"
+"""
+
+
+def _args(spec, data, tmp, db, *extra):
+    return ["benchmark", "--spec", str(spec), "--data", str(data), "--storage", f"sqlite:///{tmp}/{db}",
+            "--tracking-uri", f"sqlite:///{tmp}/mlflow.db", "--out", str(tmp / "out"), "--heartbeat", "2",
+            "--grace", "30", *extra]
+
+
+def test_two_processes_share_a_benchmark_and_a_part_merges(wide_dataset, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # run folders go under ./studies, as the sweep's
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(SPEC)
+    assert main(_args(spec, wide_dataset, tmp_path, "a.db", "--workers", "2", "--part", "first")) == 0
+    storage = f"sqlite:///{tmp_path}/a.db"
+    for method in ("erm", "groupdro"):
+        trials = optuna.load_study(study_name=f"benchmark-tiny-{method}", storage=storage).trials
+        done = [t.params["job"] for t in trials if t.state.name == "COMPLETE"]
+        assert sorted(done) == [0, 1]  # every setting once, none twice
+    seeds = optuna.load_study(study_name="benchmark-tiny-seeds", storage=storage).trials
+    done = [(t.params["row"], t.params["seed"]) for t in seeds if t.state.name == "COMPLETE"]
+    assert sorted(done) == sorted((r, s) for r in ("erm", "groupdro", "erm+shuffle") for s in (0, 1))
+
+    chosen = json.loads((tmp_path / "out" / "chosen.json").read_text())
+    for method in ("erm", "groupdro"):
+        scores = {row["setting"]: row["select_worst_group"] for row in chosen["search"] if row["method"] == method}
+        best = max(sorted(scores), key=lambda k: scores[k])
+        assert chosen["chosen"][method]["worst_group"]["setting"] == best  # selected by worst-group val
+    assert "train.lr" in chosen["chosen"]["groupdro"]["worst_group"]["params"]
+    assert "method.eta" in chosen["chosen"]["groupdro"]["worst_group"]["params"]
+
+    table = (tmp_path / "out" / "benchmark.md").read_text()
+    assert "| erm | worst_group | 2/2 |" in table and "erm+shuffle (reference" in table
+    assert "[" in table.split("| erm | worst_group | 2/2 |")[1].splitlines()[0]  # a 95 % interval from 2 seeds
+    assert "`first`" in table
+
+    # a part measured separately: another storage, another seed, the same output folder
+    capsys.readouterr()
+    assert main(_args(spec, wide_dataset, tmp_path, "b.db", "--set", "seeds=2", "--part", "second")) == 0
+    names = {s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{tmp_path}/b.db")}
+    assert names == {"benchmark-tiny-seeds"}  # the choice came from chosen.json: no search again
+    assert main(_args(spec, wide_dataset, tmp_path, "b.db", "--set", "seeds=0,1,2", "--aggregate")) == 0
+    table = (tmp_path / "out" / "benchmark.md").read_text()
+    assert "| erm | worst_group | 3/3 |" in table and "`first`" in table and "`second`" in table
+    runs = sorted(p.name for p in (tmp_path / "out" / "runs").glob("*.json"))
+    assert len(runs) == 9 and "erm__worst_group__seed2.json" in runs
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["methods=erm,nope"], "unknown train.method 'nope'"),
+    (["settings=0"], "benchmark settings=0"),
+    (["settings=abc"], "benchmark settings='abc'"),
+    (["rules=best"], "benchmark rule 'best'"),
+    (["reference=groupdro"], "benchmark reference 'groupdro'"),
+    (["train.lr=-1"], "train.lr"),
+])
+def test_bad_benchmark_values_are_one_line(sets, message, wide_dataset, tmp_path, capsys):
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(SPEC)
+    assert main(_args(spec, wide_dataset, tmp_path, "a.db", *sum((["--set", s] for s in sets), []))) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "a.db").exists()
+
+
+def test_a_name_used_with_another_budget_is_refused(wide_dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(SPEC.replace('methods = ["erm", "groupdro"]', 'methods = ["erm"]'))
+    assert main(_args(spec, wide_dataset, tmp_path, "a.db", "--set", "seeds=0", "--set", "reference=")) == 0
+    assert main(_args(spec, wide_dataset, tmp_path, "a.db", "--set", "settings=3", "--set", "reference=",
+                      "--out", str(tmp_path / "other"))) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already holds benchmark 'tiny' with another budget" in err and "settings" in err
