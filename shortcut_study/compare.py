@@ -70,6 +70,9 @@ class Grid:
     preset: str = "methods"
     recipe: dict[str, dict[str, Any]] = field(default_factory=dict)  # config sections over the preset
     sets: tuple[str, ...] = ()  # `--set section.field=value` over the recipe
+    # A benchmark's chosen.json: each method trains with the setting the benchmark chose for it
+    # (by worst-group val); "" = the recipe's values for every method.
+    chosen: str = ""
 
     @property
     def cells(self) -> list[Cell]:
@@ -82,8 +85,29 @@ class Grid:
                 "digit_size": list(self.digit_sizes), "seed": list(self.seeds)}
 
     def fingerprint(self) -> dict[str, Any]:
-        """What makes two comparisons the same: the axes and the recipe a cell is trained with."""
-        return {**{axis: list(getattr(self, axis)) for axis in AXES}, "recipe": self.base_config().flat()}
+        """What makes two comparisons the same: the axes, the recipe a cell is trained with and the
+        methods' chosen settings."""
+        return {**{axis: list(getattr(self, axis)) for axis in AXES}, "recipe": self.base_config().flat(),
+                "chosen": {m: self.method_sets(m) for m in self.methods}}
+
+    def method_sets(self, entry: str) -> list[str]:
+        """The `--set` items of a method's chosen setting (a `+shuffle` entry takes its method's)."""
+        if not self.chosen:
+            return []
+        from .benchmark import read_json
+
+        path = Path(self.chosen)
+        if not path.is_file():
+            raise UserError(f"grid chosen = {self.chosen!r}: no such file — run the benchmark first (`make benchmark`) "
+                            "or drop `chosen` to train every method with the recipe's values")
+        method, _ = _split_method(entry)
+        tree = read_json(path, "benchmark choice")
+        try:
+            params = tree["chosen"][method]["worst_group"]["params"]
+        except (KeyError, TypeError):
+            raise UserError(f"{path} holds no worst-group choice for method {method} — benchmark it, or drop it "
+                            "from the grid") from None
+        return [f"{k}={v}" for k, v in sorted(params.items())]
 
     def recipe_sets(self) -> list[str]:
         """The recipe as `--set` items: over the preset, under the command line's."""
@@ -103,7 +127,7 @@ class Grid:
                 f"geometry.digit_left={canvas - cell.digit_size}"]
         if shuffle:
             sets.append("augment.digit_shuffle_p=1.0")
-        return make_config(self.preset or None, self.recipe_sets() + sets)
+        return make_config(self.preset or None, self.recipe_sets() + self.method_sets(cell.method) + sets)
 
     def validate(self) -> Grid:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
@@ -133,7 +157,7 @@ class Grid:
         for s in self.seeds:
             if s < 0:
                 raise UserError(f"grid seed {s}: seeds are integers >= 0")
-        for cell in (self.cells[0], self.cells[-1]):
+        for cell in self.cells:
             self.cell_config(cell)  # a bad recipe value fails here, before any cell
         return self
 
@@ -188,7 +212,7 @@ def load_grid(path: str | Path | None = None, sets: list[str] | tuple[str, ...] 
     for key, value in tree.items():
         if key in AXIS_TYPES:
             setattr(grid, key, _axis(key, value, AXIS_TYPES[key]))
-        elif key in ("name", "preset"):
+        elif key in ("name", "preset", "chosen"):
             if not isinstance(value, str):
                 raise UserError(f"grid {key} in {path} must be a string")
             setattr(grid, key, value)
@@ -197,7 +221,7 @@ def load_grid(path: str | Path | None = None, sets: list[str] | tuple[str, ...] 
                 raise UserError(f"grid recipe in {path} must hold [recipe.SECTION] tables, e.g. [recipe.train]")
             grid.recipe = value
         else:
-            raise UserError(f"unknown key {key!r} in grid file {path}: keys are name, preset, "
+            raise UserError(f"unknown key {key!r} in grid file {path}: keys are name, preset, chosen, "
                             f"{', '.join(AXES)} and [recipe.SECTION] tables")
     recipe_sets = []
     for item in sets:
@@ -207,7 +231,7 @@ def load_grid(path: str | Path | None = None, sets: list[str] | tuple[str, ...] 
             raise UserError(f"--set {item!r}: write it as KEY=VALUE (an axis: {', '.join(AXES)}; or section.field)")
         if key in AXIS_TYPES:
             setattr(grid, key, _axis(key, value, AXIS_TYPES[key]))
-        elif key in ("name", "preset"):
+        elif key in ("name", "preset", "chosen"):
             setattr(grid, key, value.strip())
         else:
             recipe_sets.append(item)
@@ -344,6 +368,7 @@ def next_cell(study: optuna.Study, grid: Grid, since: float = 0.0) -> optuna.Tri
 def _cell_runner(opts: CompareOptions, experiment_id: str, parent: str):
     import mlflow
 
+    from .data.layout import cell_counts
     from .diagnostics import score_run
     from .evaluate import confusion
     from .tracking import device_tag, git_commit, log_confusion, log_epoch
@@ -375,6 +400,11 @@ def _cell_runner(opts: CompareOptions, experiment_id: str, parent: str):
                 raise
             seconds = time.monotonic() - started
             scores = {k: v for k, v in scores.items() if k in METRICS}
+            counts = cell_counts(data, "train")
+            if counts is not None:
+                trial.set_user_attr("rarest_cell", int(counts.min()))
+            losses = [h["train_loss"] for h in result.history]
+            trial.set_user_attr("loss_rose", int(losses[-1] > losses[0]))
             mlflow.log_metrics({f"test_{k}": v for k, v in scores.items() if math.isfinite(v)}
                                | {"cell_seconds": seconds, "total_train_seconds": result.train_seconds,
                                   "median_images_per_s": result.images_per_s})

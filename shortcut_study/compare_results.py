@@ -52,7 +52,7 @@ def cell_table(study: optuna.Study, grid: Grid) -> pd.DataFrame:
         state = "missing" if t is None else {TrialState.COMPLETE: "complete", TrialState.RUNNING: "running",
                                              TrialState.WAITING: "waiting"}.get(t.state, "failed")
         row: dict[str, Any] = {**cell.params, "state": state, "trial": t.number if t else None}
-        for metric in (*METRICS, "seconds"):
+        for metric in (*METRICS, "seconds", "rarest_cell", "loss_rose"):
             row[metric] = float(t.user_attrs.get(metric, math.nan)) if state == "complete" else math.nan
         rows.append(row)
     return pd.DataFrame(rows)
@@ -103,9 +103,17 @@ def summary_markdown(summary: pd.DataFrame, grid: Grid, cells: pd.DataFrame) -> 
             checks.append(f"- {r['method']}, {r['digit_size']} px, agreement 0.1 (no shortcut): gap "
                           f"{r['gap_mean']:.1f} [{lo:.1f}, {hi:.1f}] — {'no gap beyond its interval' if inside else 'a gap beyond its interval'}")
     done = int((cells["state"] == "complete").sum())
+    rarest = cells.dropna(subset=["rarest_cell"]).groupby(["agreement", "digit_size"])["rarest_cell"].min()
+    rarest_lines = [f"- agreement {a:g}, digit {d} px: {int(n)}" for (a, d), n in rarest.items()]
+    rose = cells[cells["loss_rose"] == 1]
+    rose_lines = [f"- {r['method']} a={r['agreement']:g} d={r['digit_size']} seed={r['seed']}" for _, r in rose.iterrows()]
     return "\n".join([f"{done} of {len(cells)} cells finished; mean ± sd over seeds, 95 % Student-t interval in "
                       "brackets (two or more seeds). Test accuracy (%) on the unbiased test set.", "", *lines,
-                      *(["", "No-shortcut cells (the gap should be zero within its interval):", *checks] if checks else [])])
+                      *(["", "No-shortcut cells (the gap should be zero within its interval):", *checks] if checks else []),
+                      *(["", "Training images in the rarest (class, digit) cell of each dataset:", *rarest_lines]
+                        if rarest_lines else []),
+                      "", "Cells whose training loss ended above its start (a recipe defect, not a result): "
+                      + ("none" if not rose_lines else ""), *rose_lines])
 
 
 def strength_figures(summary: pd.DataFrame) -> dict[str, Any]:

@@ -189,16 +189,31 @@ def read_digits(root: Path, rel_paths: list[str]) -> np.ndarray:
     return np.asarray([digit_of.get(r, -1) for r in rel_paths], dtype=np.int64)
 
 
-def split_agreement(data_dir: str | Path, split: str = "train") -> float:
-    """Fraction of a split's images whose digit equals the label, from `metadata.csv` (the digits
-    the builder drew or the oracle read); NaN where the digits are unknown."""
+def _labels_and_digits(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """A labelled split's labels and digits from the file list and `metadata.csv` (no images read);
+    None where a digit is unknown."""
     root = Path(data_dir)
     entries = list_split_files(root, split)
     digits = read_digits(root, [r for r, _ in entries])
     labels = np.asarray([lab for _, lab in entries], dtype=np.int64)
     if not len(digits) or (digits < 0).any() or (labels < 0).any():
-        return float("nan")
-    return float((digits == labels).mean())
+        return None
+    return labels, digits
+
+
+def split_agreement(data_dir: str | Path, split: str = "train") -> float:
+    """Fraction of a split's images whose digit equals the label, from `metadata.csv` (the digits
+    the builder drew or the oracle read); NaN where the digits are unknown."""
+    known = _labels_and_digits(data_dir, split)
+    return float((known[0] == known[1]).mean()) if known else float("nan")
+
+
+def cell_counts(data_dir: str | Path, split: str = "train") -> np.ndarray | None:
+    """(10, 10) images of each (class, digit) cell of a split; None where digits are unknown."""
+    known = _labels_and_digits(data_dir, split)
+    if known is None:
+        return None
+    return np.bincount(known[0] * 10 + known[1], minlength=100).reshape(10, 10)
 
 
 def read_test_labels(root: Path, rel_paths: list[str]) -> np.ndarray:
