@@ -24,7 +24,7 @@ EPOCHS ?=
 EPOCH_ARG := $(if $(EPOCHS),--epochs $(EPOCHS),)
 
 .PHONY: all setup data train predict evaluate test bench bench-quick methods sweep best report ui server clean \
-  compare compare-quick benchmark benchmark-quick
+  compare compare-quick benchmark benchmark-quick submission
 
 all: setup data train predict evaluate
 
@@ -117,6 +117,11 @@ ui: $(VENV)
 	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (Ctrl-C stops it)"
 	$(RUN) mlflow ui --backend-store-uri $(TRACKING_URI) --default-artifact-root $(CURDIR)/mlruns/artifacts \
 	  --host 127.0.0.1 --port $(UI_PORT)
+
+# The course's folder NAME_project_2/ (code/ + results/) from results/ (what `make best` exported).
+NAME ?=
+submission: $(VENV)
+	$(SS) submission --name "$(NAME)" --results $(RESULTS) --data $(DATA)
 
 report: $(VENV)
 	$(SS) report --data $(DATA) --study $(STUDY) --storage $(STORAGE) --tracking-uri $(TRACKING_URI) --out $(RESULTS)

@@ -165,6 +165,13 @@ def _without_flag(argv: list[str], flag: str) -> list[str]:
     return out
 
 
+def cmd_submission(args: argparse.Namespace) -> None:
+    from .submission import CODE_FILES, RESULT_FILES, write_submission
+
+    folder = write_submission(args.name, out=args.out, run=args.run, results=args.results, data=args.data)
+    print(f"wrote {folder}: code/ ({', '.join(CODE_FILES)}), results/ ({', '.join(RESULT_FILES)})")
+
+
 def cmd_best(args: argparse.Namespace) -> None:
     from .study import best
 
@@ -314,6 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregate", action="store_true", help="only write the table from the run files in --out")
     _add_set_arg(p, "seeds=0 (a part), settings=2, or train.epochs=2 (both recipes)")
     p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("submission", help="the course's folder first_last_project_2/ (code/ and results/)")
+    p.add_argument("--name", required=True, help="first_last, as the course names the folder")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--run", help="a training run's folder (predicts the test set and makes the report if missing)")
+    src.add_argument("--results", help="an export's folder (default results/, what `make best` writes)")
+    p.add_argument("--data", default="data/course", help="the dataset, to predict its test folder and check q1_test.txt")
+    p.add_argument("--out", default=".", help="where the folder goes")
+    p.set_defaults(func=cmd_submission)
 
     p = sub.add_parser("best", help="export the best run's q1_model.pt and q1_test.txt")
     _add_study_args(p)
