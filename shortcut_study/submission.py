@@ -21,7 +21,7 @@ from pathlib import Path
 from .config import NORM_MEAN, NORM_STD, Config
 from .errors import UserError, require_dir
 from .outputs import replace_folder
-from .run import CONFIG_FILE, MODEL_FILE, Run
+from .run import MODEL_FILE, Run
 
 TEMPLATES = Path(__file__).resolve().parent / "course_code"
 CODE_FILES = ("model.py", "data.py", "q1.py", "q2.py", "q3.py")
