@@ -49,11 +49,13 @@ def measure_throughput(cfg: Config, data: str | Path, steps: int, warmup: int = 
     seen, start = 0, time.perf_counter()
     for i, batch in enumerate(batches()):
         if i == warmup:
+            rt.synchronize()  # a timer read on a GPU without it times the queue, not the work
             start, seen = time.perf_counter(), 0
         if i == warmup + steps:
             break
         train_step(trainer.method, trainer.opt, batch, rt)
         seen += len(batch)
+    rt.synchronize()
     return seen / (time.perf_counter() - start), len(train)
 
 

@@ -45,8 +45,9 @@ from .config import SELECT_METRICS, Config, Param, make_config
 from .errors import UserError, atomic_path, require_writable, write_text_atomic
 from .metrics import METRICS, seed_interval
 from .registry import METHODS
-from .study import DEFAULT_STORAGE, SEARCH_SPACE, STUDIES, open_storage
-from .trials import ClaimLock, WorkerSettings, creator_attr, ensure_parent_run, next_listed, run_shared_trials
+from .storage import DEFAULT_STORAGE, STUDIES, ClaimLock, open_storage
+from .study import SEARCH_SPACE
+from .trials import WorkerSettings, creator_attr, ensure_parent_run, next_listed, run_shared_trials
 
 # Every method's shared dimensions, as the sweep declares them.
 SHARED_SPACE: dict[str, Param] = {k: SEARCH_SPACE[k] for k in ("train.lr", "train.weight_decay")}
@@ -312,12 +313,8 @@ def _search_runner(opts: BenchmarkOptions, method: str, experiment_id: str, pare
         with tracked_trial(experiment_id, parent, f"{method} setting {k}", tags,
                            lambda run_id: trial.set_user_attr("mlflow_run_id", run_id)):
             mlflow.log_params({**cfg.flat(), "setting": k})
-            try:
-                result = fit(cfg, opts.data, STUDIES / opts.study_name(method) / f"setting-{k:03d}",
-                             on_epoch=lambda epoch, record: log_epoch(record), quiet=True)
-            except Exception as exc:
-                trial.set_user_attr("error", str(exc)[:300])
-                raise
+            result = fit(cfg, opts.data, STUDIES / opts.study_name(method) / f"setting-{k:03d}",
+                         on_epoch=lambda epoch, record: log_epoch(record), quiet=True)
             scores = {"select_worst_group": result.best.get("worst_group_acc", math.nan),
                       "select_worst_class": max((h.get("val_worst_class_acc", -math.inf) for h in result.history),
                                                 default=math.nan)}
@@ -356,14 +353,10 @@ def _seed_runner(opts: BenchmarkOptions, chosen: dict[str, Any], experiment_id: 
         with tracked_trial(experiment_id, parent, f"{row} {rule} seed {seed}", tags,
                            lambda run_id: trial.set_user_attr("mlflow_run_id", run_id)):
             mlflow.log_params({**cfg.flat(), "row": row, "rule": rule})
-            try:
-                result = fit(cfg, opts.data, run_dir, on_epoch=lambda epoch, record: log_epoch(record), quiet=True)
-                test, _, _ = score_run(run_dir, opts.data)
-                if not test:
-                    raise UserError(f"{opts.data}/test has no labels: the benchmark scores seed runs on the labelled test split")
-            except Exception as exc:
-                trial.set_user_attr("error", str(exc)[:300])
-                raise
+            result = fit(cfg, opts.data, run_dir, on_epoch=lambda epoch, record: log_epoch(record), quiet=True)
+            test, _, _ = score_run(run_dir, opts.data)
+            if not test:
+                raise UserError(f"{opts.data}/test has no labels: the benchmark scores seed runs on the labelled test split")
             losses = [h["train_loss"] for h in result.history]
             record = {"row": row, "rule": rule, "seed": seed, "part": opts.part_name, "machine": machine,
                       "commit": git_commit(), "params": params, "setting": chosen[method][rule]["setting"],

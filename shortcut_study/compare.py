@@ -33,9 +33,9 @@ from .compare_results import cell_key, write_results
 from .errors import UserError, require_writable, write_text_atomic
 from .metrics import METRICS
 from .registry import METHODS
-from .study import DEFAULT_STORAGE, STUDIES, open_storage
-from .tracking import end_run_failed, file_lock, init_tracking
-from .trials import ClaimLock, WorkerSettings, creator_attr, ensure_parent_run, raised_since, run_shared_trials
+from .storage import DEFAULT_STORAGE, STUDIES, ClaimLock, file_lock, open_storage
+from .tracking import init_tracking
+from .trials import WorkerSettings, creator_attr, ensure_parent_run, raised_since, run_shared_trials
 
 GRID_DIR = Path("experiments")
 DEFAULT_GRID = GRID_DIR / "compare.toml"
@@ -371,7 +371,7 @@ def _cell_runner(opts: CompareOptions, experiment_id: str, parent: str):
     from .data.layout import cell_counts
     from .diagnostics import score_run
     from .evaluate import confusion
-    from .tracking import device_tag, git_commit, log_confusion, log_epoch
+    from .tracking import device_tag, git_commit, log_confusion, log_epoch, tracked_trial
     from .train import fit
 
     space = opts.grid.search_space
@@ -384,20 +384,14 @@ def _cell_runner(opts: CompareOptions, experiment_id: str, parent: str):
         tags = {"study": opts.study, "trial": str(trial.number), "role": "cell", "git_commit": git_commit(),
                 "device": device_tag(), **{f"cell.{k}": str(v) for k, v in cell.params.items()}}
         started = time.monotonic()
-        with mlflow.start_run(experiment_id=experiment_id, run_name=cell.label, tags=tags, parent_run_id=parent,
-                              nested=True) as run:
-            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        with tracked_trial(experiment_id, parent, cell.label, tags,
+                           lambda run_id: trial.set_user_attr("mlflow_run_id", run_id)):
             mlflow.log_params({**cfg.flat(), **{f"cell.{k}": v for k, v in cell.params.items()},
                                "trial_number": trial.number, "data": str(data)})
-            try:
-                result = fit(cfg, data, run_dir, on_epoch=lambda epoch, record: log_epoch(record), quiet=True)
-                scores, preds, labels = score_run(run_dir, data)
-                if not scores:  # inside: a cell that cannot be scored is failed like one whose run raised
-                    raise UserError(f"{data}/test has no labels: the comparison scores cells on the labelled test split")
-            except Exception as exc:
-                trial.set_user_attr("error", str(exc)[:300])
-                end_run_failed(exc)
-                raise
+            result = fit(cfg, data, run_dir, on_epoch=lambda epoch, record: log_epoch(record), quiet=True)
+            scores, preds, labels = score_run(run_dir, data)
+            if not scores:  # inside: a cell that cannot be scored is failed like one whose run raised
+                raise UserError(f"{data}/test has no labels: the comparison scores cells on the labelled test split")
             seconds = time.monotonic() - started
             scores = {k: v for k, v in scores.items() if k in METRICS}
             counts = cell_counts(data, "train")
@@ -409,7 +403,6 @@ def _cell_runner(opts: CompareOptions, experiment_id: str, parent: str):
                                | {"cell_seconds": seconds, "total_train_seconds": result.train_seconds,
                                   "median_images_per_s": result.images_per_s})
             log_confusion(confusion(preds, labels), "test_confusion")
-            mlflow.set_tag("state", "COMPLETE")
             for key, value in scores.items():
                 trial.set_user_attr(key, value)
             trial.set_user_attr("seconds", seconds)

@@ -257,7 +257,7 @@ def shortcut_sentence(diag) -> str:
 def sweep_pages(report: Report, study_name: str, storage: str | None) -> None:
     import optuna
 
-    from .study import open_storage
+    from .storage import open_storage
 
     try:
         study = optuna.load_study(study_name=study_name, storage=open_storage(storage))

@@ -1,5 +1,5 @@
 """For a team: a PostgreSQL database for the Optuna storage and an MLflow tracking server with
-proxied artifacts, started (and stopped) together; and the URL rules both use.
+proxied artifacts, started (and stopped) together; the URL rules live in storage.py.
 
 PostgreSQL comes from Debian's `postgresql` package (`/usr/lib/postgresql/N/bin`); the cluster is
 `initdb`-ed into a folder (default `studies/postgres`) and listens on loopback unless told
@@ -20,19 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .storage import normalize_db_url
 
-# SQLAlchemy maps a bare postgresql:// to the psycopg (3) driver, which is not installed; the
-# locked driver is psycopg2 (psycopg2-binary), chosen here for every PostgreSQL URL.
-PG_DRIVER = "psycopg2"
 INSTALL_HINT = "install Debian's PostgreSQL (`apt-get install -y postgresql`) or point at an existing server"
-
-
-def normalize_db_url(url: str) -> str:
-    """`postgresql://…` (as users type it) -> `postgresql+psycopg2://…`; other URLs unchanged."""
-    for prefix in ("postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return f"postgresql+{PG_DRIVER}://" + url[len(prefix):]
-    return url
 
 
 def pg_bin() -> Path:

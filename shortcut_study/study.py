@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import tempfile
 import time
 import warnings
@@ -23,22 +22,17 @@ import optuna
 from optuna.trial import TrialState
 
 from .config import SELECT_METRICS, Config, Param, make_config, set_value
-from .errors import UserError, require_writable
-from .server import normalize_db_url
-from .tracking import end_run_failed, file_lock, init_tracking
-from .trials import (ClaimLock, WorkerSettings, counted, creator_attr, ensure_parent_run, reconcile_failed_runs, run_shared_trials,
+from .errors import UserError
+from .storage import DEFAULT_STORAGE, STUDIES, ClaimLock, open_storage
+from .tracking import init_tracking
+from .trials import (WorkerSettings, counted, creator_attr, ensure_parent_run, reconcile_failed_runs, run_shared_trials,
                      worker_seed)
 
 # Heartbeats and stale-trial failing are marked experimental but are Optuna's documented way.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
-# Under the working directory, as Optuna's and MLflow's own defaults are.
-STUDIES = Path("studies")
-DEFAULT_STORAGE = f"sqlite:///{STUDIES / 'optuna.db'}"
 # The sweep's objectives are the model-selection criteria (`train.select`), by the same names.
 OBJECTIVES = {name: f"val_{metric}" for name, metric in SELECT_METRICS.items()}
-# Storages with a claim lock (trials.ClaimLock): a file lock for SQLite, an advisory lock for PostgreSQL.
-RDB_SCHEMES = ("sqlite", "postgresql")
 
 
 # The search space shared by every method: key -> Param (default from the config, search range
@@ -102,43 +96,6 @@ class SweepOptions:
     search_shuffle: bool = False  # also search augment.digit_shuffle_p
 
 
-def open_storage(url: str | None) -> optuna.storages.BaseStorage:
-    """An Optuna storage from a URL: any RDB URL (SQLite default) or a `.journal` file path."""
-    url = normalize_db_url(url or DEFAULT_STORAGE)
-    if url.endswith(".journal") and "://" not in url:
-        from optuna.storages.journal import JournalFileBackend
-
-        require_writable(url)
-        Path(url).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(url))
-    scheme = url.split("://", 1)[0].split("+", 1)[0] if "://" in url else ""
-    if scheme not in RDB_SCHEMES:
-        raise UserError(f"unknown storage URL {url!r}: use sqlite:///PATH.db, postgresql://USER@HOST/DB "
-                        "or a PATH.journal file")
-    engine_kwargs: dict[str, Any] = {}
-    if scheme == "sqlite":
-        path = Path(url.removeprefix("sqlite:///"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        engine_kwargs = {"connect_args": {"timeout": 60}}  # wait for a busy writer, not "database is locked"
-    else:
-        engine_kwargs = {"pool_pre_ping": True}
-    last: Exception | None = None
-    for attempt in range(6):  # fresh workers on several hosts race to create the schema
-        try:
-            with file_lock(STUDIES / ".init.lock"):  # ... and on one host, serialised here
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-        except ImportError as exc:
-            raise UserError(f"storage {url}: database driver missing ({exc.name}) — install it, e.g. "
-                            "`uv add psycopg2-binary` for PostgreSQL") from None
-        except Exception as exc:  # sqlalchemy OperationalError / IntegrityError / ArgumentError and friends
-            last = exc
-            if not any(word in str(exc) for word in ("UniqueViolation", "IntegrityError", "already exists")):
-                break
-            time.sleep(0.2 + random.random() * attempt)
-    first = (str(last).strip().splitlines() or [type(last).__name__])[0]
-    raise UserError(f"cannot reach storage {url}: {first[:200]} — start the database or fix --storage") from None
-
-
 def trial_config(trial: optuna.Trial, opts: SweepOptions) -> Config:
     cfg = make_config(sets=base_sets(opts))
     for key, param in search_space(cfg, opts).items():
@@ -167,7 +124,7 @@ def _trial_runner(opts: SweepOptions, experiment_id: str, parent: str):
 
     from .evaluate import confusion
     from .run import Run
-    from .tracking import device_tag, git_commit, log_confusion, log_epoch, log_group_table
+    from .tracking import device_tag, git_commit, log_confusion, log_epoch, log_group_table, tracked_trial
     from .train import fit
 
     metric = OBJECTIVES[opts.objective]
@@ -179,10 +136,11 @@ def _trial_runner(opts: SweepOptions, experiment_id: str, parent: str):
                 "objective": opts.objective}
         # The tags go in with the run itself, so a worker killed at any moment leaves a run that
         # `reconcile_failed_runs` can match to its trial.
-        with mlflow.start_run(experiment_id=experiment_id, run_name=f"trial-{trial.number}", tags=tags,
-                              parent_run_id=parent, nested=True) as run:
-            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        def started(run_id: str) -> None:
+            trial.set_user_attr("mlflow_run_id", run_id)
             trial.set_user_attr("run_dir", str(run_dir))
+
+        with tracked_trial(experiment_id, parent, f"trial-{trial.number}", tags, started):
             mlflow.log_params({**cfg.flat(), "trial_number": trial.number})
 
             def on_epoch(epoch: int, record: dict[str, float]) -> None:
@@ -194,15 +152,7 @@ def _trial_runner(opts: SweepOptions, experiment_id: str, parent: str):
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned at epoch {epoch} ({metric} {value:.2f})")
 
-            try:
-                result = fit(cfg, opts.data, run_dir, on_epoch=on_epoch, quiet=True)
-            except optuna.TrialPruned:
-                mlflow.set_tag("state", "PRUNED")
-                mlflow.end_run(status="KILLED")
-                raise
-            except Exception as exc:
-                end_run_failed(exc)
-                raise
+            result = fit(cfg, opts.data, run_dir, on_epoch=on_epoch, quiet=True)
             # The selected model's val scores come with the result: nothing is reloaded or re-scored.
             val = result.val_scores
             if val is not None:
@@ -215,7 +165,6 @@ def _trial_runner(opts: SweepOptions, experiment_id: str, parent: str):
             # Summary metrics under their own names: the per-epoch keys hold each epoch's value.
             mlflow.log_metrics({**best, "best_epoch": result.best_epoch, "total_train_seconds": result.train_seconds,
                                 "median_images_per_s": result.images_per_s})
-            mlflow.set_tag("state", "COMPLETE")
             for key, value in result.best.items():
                 trial.set_user_attr(key, value)
             trial.set_user_attr("images_per_s", result.images_per_s)

@@ -7,7 +7,6 @@ artifacts beside it; `mlflow ui` must be started with the same two locations (`m
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import io
 import logging
 import os
@@ -21,23 +20,11 @@ import numpy as np
 from .config import CIFAR_CLASSES, NUM_DIGITS
 from .errors import UserError
 from .metrics import Scores
-from .server import normalize_db_url
+from .storage import file_lock, normalize_db_url
 
 MLRUNS = Path("mlruns")  # under the working directory, as `mlflow` itself defaults
 DEFAULT_TRACKING_URI = f"sqlite:///{MLRUNS / 'mlflow.db'}"
 ARTIFACT_ROOT = MLRUNS / "artifacts"
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Serialise one-time setup (schema migrations race) between processes on this host."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _sqlite_file(uri: str) -> Path | None:

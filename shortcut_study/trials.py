@@ -12,7 +12,6 @@ its parameters again. Hosts are assumed to keep their clocks in sync (NTP) to we
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import math
 import os
 import threading
@@ -21,7 +20,6 @@ import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -29,7 +27,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from .errors import UserError
-from .server import normalize_db_url
+from .storage import ClaimLock, storage_unreachable
 
 # Optuna's retry callback is marked experimental, but it is Optuna's documented pattern.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -38,85 +36,6 @@ HEARTBEAT_ATTR = "heartbeat_at"
 # Trials that count toward `--n-trials`: a failed trial does not, so a study can be completed
 # after a fix, and a killed one is retried.
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-
-
-class ClaimLock:
-    """Serialises "count the trials, then start one" across every worker of a study: a file lock
-    beside a SQLite database or journal file, a PostgreSQL advisory lock for a server (released by
-    the server when a killed worker's connection drops)."""
-
-    def __init__(self, storage_url: str, study: str) -> None:
-        self._file: Path | None = None
-        self._url = normalize_db_url(storage_url) if storage_url.startswith(("postgresql", "postgres:")) else None
-        self._pg = None  # a connection of its own: the advisory lock lives as long as it does
-        self._key = zlib.crc32(f"shortcut-study:{study}".encode())
-        self._held = False
-        if "://" not in storage_url:  # a journal file
-            self._file = Path(f"{storage_url}.claim.lock")
-        elif storage_url.startswith("sqlite:///"):
-            self._file = Path(f"{storage_url.removeprefix('sqlite:///')}.claim.lock")
-        elif self._url is None:
-            raise ValueError(f"no claim lock for storage {storage_url!r}")
-        self._fh = None
-
-    def _advisory(self, sql: str) -> None:
-        if self._pg is None:
-            import sqlalchemy
-
-            engine = sqlalchemy.create_engine(self._url, poolclass=sqlalchemy.pool.NullPool)
-            self._pg = engine.raw_connection()
-        try:
-            with contextlib.closing(self._pg.cursor()) as cur:
-                cur.execute(sql, (self._key,))
-            self._pg.commit()
-        except Exception:
-            self.reset()
-            raise
-
-    def reset(self) -> None:
-        """Drop the connection (the database went away); the next acquire reconnects."""
-        self._held = False
-        if self._pg is not None:
-            with contextlib.suppress(Exception):
-                self._pg.invalidate() if hasattr(self._pg, "invalidate") else self._pg.close()
-            self._pg = None
-
-    def acquire(self) -> None:
-        if self._held:
-            return
-        if self._file is not None:
-            self._file.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self._file, "a")
-            fcntl.flock(self._fh, fcntl.LOCK_EX)
-        elif self._url is not None:
-            self._advisory("SELECT pg_advisory_lock(%s)")
-        self._held = True
-
-    def release(self) -> None:
-        """Idempotent: the objective releases as soon as its trial exists; the loop again after."""
-        if not self._held:
-            return
-        self._held = False
-        if self._fh is not None:
-            fcntl.flock(self._fh, fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None
-        elif self._url is not None:
-            self._advisory("SELECT pg_advisory_unlock(%s)")
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.release()
-        self.reset()
-
-
-def storage_unreachable(exc: BaseException) -> bool:
-    """A database that went away (restart, network): wait and retry, rather than fail."""
-    import sqlalchemy.exc
-
-    if isinstance(exc, (optuna.exceptions.StorageInternalError, sqlalchemy.exc.DBAPIError)):
-        return True
-    return type(exc).__module__.startswith("psycopg2") and type(exc).__name__ in ("OperationalError", "InterfaceError")
 
 
 def counted(study: optuna.Study) -> int:
@@ -194,16 +113,34 @@ def core_shares(n: int, cpus: list[int] | None = None) -> list[set[int]]:
     return [{cpus[i % len(cpus)]} for i in range(n)]
 
 
+def gpu_shares(n: int, visible: str | None = None, count: int | None = None) -> list[str | None]:
+    """`CUDA_VISIBLE_DEVICES` for each of n workers: with several GPUs, one each in turn (as
+    DomainBed's multi-GPU launcher hands them out); None (inherit) with one GPU or none. `visible`
+    is the parent's own CUDA_VISIBLE_DEVICES, `count` the GPUs torch sees (looked up when None)."""
+    if visible is not None and visible.strip():
+        devices = [d.strip() for d in visible.split(",") if d.strip()]
+    else:
+        if count is None:
+            import torch
+
+            count = torch.cuda.device_count()
+        devices = [str(i) for i in range(count)]
+    if len(devices) < 2:
+        return [None] * n
+    return [devices[i % len(devices)] for i in range(n)]
+
+
 def spawn_workers(argv: list[str], n: int) -> int:
     """Run `n` copies of the command `argv` (a `sweep` without --workers) side by side, each pinned
-    to its share of the cores so their threads split the machine instead of oversubscribing it;
-    return the worst exit code."""
+    to its share of the cores so their threads split the machine instead of oversubscribing it, and
+    to a GPU of its own when there are several; return the worst exit code."""
     import subprocess
     import sys
 
     procs = []
-    for share in core_shares(n):
-        procs.append(subprocess.Popen([sys.executable, "-m", "shortcut_study.cli", *argv],
+    for share, gpu in zip(core_shares(n), gpu_shares(n, os.environ.get("CUDA_VISIBLE_DEVICES"))):
+        env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
+        procs.append(subprocess.Popen([sys.executable, "-m", "shortcut_study.cli", *argv], env=env,
                                       preexec_fn=lambda share=share: os.sched_setaffinity(0, share)))
     codes = []
     try:
@@ -343,6 +280,8 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, run_trial: Callable[[optu
         except Exception as exc:
             state = TrialState.FAIL
             error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+            with contextlib.suppress(Exception):  # recorded with the trial (the storage may be away)
+                trial.set_user_attr("error", error[:300])
         except KeyboardInterrupt:
             tell_patiently(study, trial, TrialState.FAIL, None)  # stopped by hand: failed now, not after the grace
             raise

@@ -134,7 +134,7 @@ def kill_once_training(cmd: list[str], storage: str, cwd: Path, timeout: float =
     import optuna
     from optuna.trial import TrialState
 
-    from shortcut_study.study import open_storage
+    from shortcut_study.storage import open_storage
 
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline, opened = time.time() + timeout, None

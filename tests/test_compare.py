@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from shortcut_study.cli import main
 from shortcut_study.compare import CompareOptions, load_grid
 from shortcut_study.compare_results import write_results
-from shortcut_study.study import open_storage
+from shortcut_study.storage import open_storage
 
 from .conftest import kill_once_training
 

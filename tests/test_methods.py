@@ -40,7 +40,7 @@ def _stop_after(n: int):
     return on_epoch
 
 
-@pytest.mark.parametrize("name", ["erm", "reweight", "resample", "groupdro", "jtt", "lff", "dfr"])
+@pytest.mark.parametrize("name", METHODS.names())
 def test_method_trains_resumes_and_round_trips_its_state(name, dataset, tmp_path):
     assert name in METHODS
     out = tmp_path / name

@@ -17,7 +17,7 @@ import pytest
 from optuna.trial import TrialState
 
 from shortcut_study.server import free_port, start_mlflow_server, wait_for_http
-from shortcut_study.study import open_storage
+from shortcut_study.storage import open_storage
 
 from .conftest import kill_once_training
 
@@ -49,7 +49,7 @@ def test_claim_lock_on_postgres_excludes_a_second_worker(pg_db):
     """The claim that keeps a study at exactly --n-trials must be a real lock on PostgreSQL."""
     import threading
 
-    from shortcut_study.trials import ClaimLock
+    from shortcut_study.storage import ClaimLock
 
     first, second = ClaimLock(pg_db, "t"), ClaimLock(pg_db, "t")
     first.acquire()

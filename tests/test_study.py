@@ -17,7 +17,8 @@ from shortcut_study import train as train_module
 from shortcut_study.cli import main
 from shortcut_study.config import Config
 from shortcut_study.errors import UserError
-from shortcut_study.study import SweepOptions, best, open_storage, sweep, trial_run_config
+from shortcut_study.storage import open_storage
+from shortcut_study.study import SweepOptions, best, sweep, trial_run_config
 from shortcut_study.tracking import init_tracking
 
 from .conftest import kill_once_training
@@ -230,3 +231,24 @@ def test_unreachable_tracking_server_is_one_line_naming_it(dataset, tmp_path, ca
                  "--tracking-uri", url, "--n-trials", "1", "--epochs", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and url in err and len(err.splitlines()) == 1, err
+
+
+def test_workers_get_a_gpu_each_when_there_are_several():
+    from shortcut_study.trials import gpu_shares
+
+    assert gpu_shares(3, None, count=0) == [None, None, None]  # CPU: nothing to hand out
+    assert gpu_shares(2, None, count=1) == [None, None]  # one GPU: shared, as it is
+    assert gpu_shares(3, None, count=2) == ["0", "1", "0"]
+    assert gpu_shares(2, "3,5") == ["3", "5"]  # the parent's own selection is split
+
+
+def test_a_resumed_run_restores_the_cuda_random_state_when_there_is_one(monkeypatch, dataset, tmp_path):
+    """last.pt carries `cuda_rng` (None on a CPU-only machine); with CUDA, _restore sets it back."""
+    from shortcut_study.config import make_config
+    from shortcut_study.run import Run
+    from shortcut_study.train import fit
+
+    sets = ["train.batch_size=32", "train.eval_batch_size=64", "train.epochs=1", "augment.digit_shuffle_p=0"]
+    fit(make_config(sets=sets), dataset, tmp_path / "r", quiet=True)
+    state = Run(tmp_path / "r").load_last()
+    assert "cuda_rng" in state and state["cuda_rng"] is None
