@@ -255,6 +255,9 @@ def run_bench(data: str | Path, quick: bool = False, presets: tuple[str, ...] = 
             require_writable(path, "file" if path == md else "folder")
     require_writable(out_dir, "folder")
     sets = sets or []
+    if not quick:
+        for preset in presets:  # every full row's config checked before the first throughput row
+            make_config(preset, sets)
     rows: list[dict[str, float | str]] = []
     base = make_config("best", sets)
     base_bf16 = train_runtime(base.train).bf16

@@ -42,7 +42,7 @@ import optuna
 from optuna.trial import TrialState
 
 from .config import SELECT_METRICS, Config, Param, make_config
-from .errors import UserError, atomic_path, require_writable, write_text_atomic
+from .errors import UserError, atomic_path, read_json, require_writable, write_text_atomic
 from .metrics import METRICS, seed_interval
 from .registry import METHODS
 from .storage import DEFAULT_STORAGE, STUDIES, ClaimLock, open_storage
@@ -271,14 +271,8 @@ def run_file(out: Path, row: str, rule: str, seed: int) -> Path:
     return out / RUNS_DIR / f"{row}__{rule}__seed{seed}.json"
 
 
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        tree = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read {what} {path} ({str(exc)[:100]}) — remove it, or rerun the part that wrote it") from None
-    if not isinstance(tree, dict):
-        raise UserError(f"{path} is not a {what} — remove it, or rerun the part that wrote it")
-    return tree
+def read_benchmark_file(path: Path, what: str) -> dict[str, Any]:
+    return read_json(path, what, "remove it, or rerun the part that wrote it")
 
 
 def load_chosen(opts: BenchmarkOptions) -> dict[str, Any] | None:
@@ -286,7 +280,7 @@ def load_chosen(opts: BenchmarkOptions) -> dict[str, Any] | None:
     path = opts.out / CHOSEN_FILE
     if not path.is_file():
         return None
-    tree = read_json(path, "benchmark choice")
+    tree = read_benchmark_file(path, "benchmark choice")
     if tree.get("fingerprint") != json.loads(json.dumps(opts.spec.fingerprint())):
         raise UserError(f"{path} was written by another benchmark (budget or recipe differ) — give another --out or "
                         "remove it to search again")
@@ -465,7 +459,7 @@ def _anything_running(studies: dict[str, optuna.Study]) -> bool:
 # ---- the table, from the files alone ---------------------------------------------------------------------
 
 def read_runs(out: Path) -> list[dict[str, Any]]:
-    return [read_json(p, "benchmark run") for p in sorted((out / RUNS_DIR).glob("*.json"))]
+    return [read_benchmark_file(p, "benchmark run") for p in sorted((out / RUNS_DIR).glob("*.json"))]
 
 
 def summary_rows(runs: list[dict[str, Any]], spec: BenchmarkSpec) -> list[dict[str, Any]]:

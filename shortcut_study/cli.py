@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from .config import SELECT_METRICS
-from .errors import UserError
+from .errors import UserError, disk_full
 
 
 def _add_set_arg(p: argparse.ArgumentParser, example: str = "train.lr=0.05") -> None:
@@ -392,7 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except OSError as exc:  # a path that cannot be read or written: a full disk, a read-only mount, ...
         where = exc.filename or "a file"
-        print(f"error: {_one_line(f'cannot read or write {where}: {exc.strerror or exc}')}", file=sys.stderr)
+        why = ("the disk is full — free some space and run the command again" if disk_full(exc)
+               else exc.strerror or str(exc))
+        print(f"error: {_one_line(f'cannot read or write {where}: {why}')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 
 from .config import Config, make_config
 from .compare_results import cell_key, write_results
-from .errors import UserError, require_writable, write_text_atomic
+from .errors import UserError, read_json, require_writable, write_text_atomic
 from .metrics import METRICS
 from .registry import METHODS
 from .storage import DEFAULT_STORAGE, STUDIES, ClaimLock, file_lock, open_storage
@@ -40,6 +40,9 @@ from .trials import WorkerSettings, creator_attr, ensure_parent_run, raised_sinc
 GRID_DIR = Path("experiments")
 DEFAULT_GRID = GRID_DIR / "compare.toml"
 AXES = ("methods", "agreements", "digit_sizes", "seeds")
+# Config keys the axes set for every cell: a recipe may not set them too (it would be overridden).
+AXIS_KEYS = {"train.method", "train.seed", "build.train_agreement", "geometry.digit_size", "geometry.digit_top",
+             "geometry.digit_left"}
 # A method entry "NAME+shuffle" adds digit-patch shuffle (the intervention that knows where the digit is).
 SHUFFLE = "+shuffle"
 
@@ -94,14 +97,12 @@ class Grid:
         """The `--set` items of a method's chosen setting (a `+shuffle` entry takes its method's)."""
         if not self.chosen:
             return []
-        from .benchmark import read_json
-
         path = Path(self.chosen)
         if not path.is_file():
             raise UserError(f"grid chosen = {self.chosen!r}: no such file — run the benchmark first (`make benchmark`) "
                             "or drop `chosen` to train every method with the recipe's values")
         method, _ = _split_method(entry)
-        tree = read_json(path, "benchmark choice")
+        tree = read_json(path, "benchmark choice", "rerun the benchmark or drop `chosen` from the grid")
         try:
             params = tree["chosen"][method]["worst_group"]["params"]
         except (KeyError, TypeError):
@@ -116,7 +117,9 @@ class Grid:
         return items + list(self.sets)
 
     def base_config(self) -> Config:
-        return make_config(self.preset or None, self.recipe_sets())
+        """The recipe every cell shares, less its method hyperparameters (`method.*`), which belong
+        to each cell's method and are checked against it there."""
+        return make_config(self.preset or None, [s for s in self.recipe_sets() if not s.startswith("method.")])
 
     def cell_config(self, cell: Cell) -> Config:
         base = self.base_config()
@@ -157,8 +160,15 @@ class Grid:
         for s in self.seeds:
             if s < 0:
                 raise UserError(f"grid seed {s}: seeds are integers >= 0")
+        taken = sorted({s.partition("=")[0].strip() for s in self.recipe_sets()} & AXIS_KEYS)
+        if taken:
+            raise UserError(f"the grid's recipe sets {', '.join(taken)}, which its axes decide for every cell — drop "
+                            "it from the recipe and give the value as an axis (methods, agreements, digit_sizes, seeds)")
         for cell in self.cells:
-            self.cell_config(cell)  # a bad recipe value fails here, before any cell
+            try:
+                self.cell_config(cell)  # a bad recipe value fails here, before any cell
+            except UserError as exc:
+                raise UserError(f"grid cell {cell.label}: {exc}") from None
         return self
 
 

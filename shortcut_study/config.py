@@ -127,6 +127,7 @@ class BuildConfig:
     eval_agreement: float = 0.1
 
     def validate(self) -> None:
+        _check(0 <= self.seed < 2**32, "build.seed", self.seed, "in 0..2^32-1")
         for name in ("train_size", "val_size", "test_size"):
             _check(getattr(self, name) >= 1, f"build.{name}", getattr(self, name), ">= 1")
         for name in ("train_agreement", "eval_agreement"):
@@ -222,7 +223,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         _check(1 <= self.epochs <= 1000, "train.epochs", self.epochs, "in 1..1000")
-        _check(1 <= self.batch_size <= 65536, "train.batch_size", self.batch_size, "in 1..65536")
+        # Batch norm cannot train on one image (its variance is 0): every batch needs two or more.
+        _check(2 <= self.batch_size <= 65536, "train.batch_size", self.batch_size, "in 2..65536 (batch norm needs two images)")
         _check(self.optimizer in ("sgd", "adamw"), "train.optimizer", self.optimizer, "sgd or adamw")
         _check(0 < self.lr <= 10, "train.lr", self.lr, "in (0, 10]")
         _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "in [0, 1)")
@@ -240,6 +242,7 @@ class TrainConfig:
         GROUPINGS.check(self.groups)
         _check(self.pipeline in ("fast", "reference"), "train.pipeline", self.pipeline, "fast or reference")
         _check(self.subset >= 0, "train.subset", self.subset, ">= 0")
+        _check(0 <= self.seed < 2**63, "train.seed", self.seed, "in 0..2^63-1")
         _check(self.precision in ("auto", "bf16", "fp32"), "train.precision", self.precision,
                "auto, bf16 or fp32")
         _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,

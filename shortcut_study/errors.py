@@ -8,7 +8,10 @@ command never leaves a half-written file behind.
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,9 +25,28 @@ class UserError(Exception):
     """Bad input or configuration: the message is shown to the user as it is."""
 
 
+def disk_full(exc: BaseException) -> bool:
+    """A write that failed because the disk is full: ENOSPC, or torch.save's RuntimeError from its
+    zip writer ("unexpected pos" / "enforce fail"), which hides the errno."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, RuntimeError) and any(k in str(exc) for k in ("unexpected pos", "enforce fail",
+                                                                            "No space left"))
+
+
+def write_error(path: Path, exc: BaseException) -> UserError:
+    """One line for a write that failed: the path, why, and the fix."""
+    if disk_full(exc):
+        free = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
+        return UserError(f"cannot write {path}: the disk is full ({free // 1024} KiB free) — free some space and "
+                         "run the command again")
+    return UserError(f"cannot write {path}: {getattr(exc, 'strerror', None) or exc}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; move it into place only if the block succeeds."""
+    """Yield a temporary path beside `path`; move it into place only if the block succeeds. A write
+    that fails (a full disk included, whatever the writer raised) is one UserError naming `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -32,10 +54,31 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give outputs the usual mode
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        try:
+            yield tmp_path
+            os.replace(tmp_path, path)
+        except (OSError, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and not disk_full(exc):
+                raise
+            raise write_error(path, exc) from None
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def read_json(path: str | Path, what: str, fix: str, kind: type = dict) -> object:
+    """The one reader of every JSON file the tool reads back (a run's config, a cache index, an
+    export's best_run.json, a benchmark's files): its content as `kind`, or one UserError naming the
+    file and the fix for anything else — unreadable, not JSON, nested past Python's stack, another
+    type."""
+    path = Path(path)
+    try:
+        tree = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+        reason = "nested too deep" if isinstance(exc, RecursionError) else str(exc).splitlines()[0][:100]
+        raise UserError(f"cannot read {what} {path} ({reason}) — {fix}") from None
+    if not isinstance(tree, kind):
+        raise UserError(f"{path} is not a {what} (a JSON {type(tree).__name__}, not an object) — {fix}")
+    return tree
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from .augment import normalize
 from .config import EVAL_BATCH_SIZE, NUM_CLASSES, NUM_DIGITS, Config, GeometryConfig
 from .crossed import can_cross, crossed_views
 from .data.layout import SplitData, read_images
-from .errors import UserError, require_dir, require_file, require_writable, write_text_atomic
+from .errors import UserError, require_dir, require_file, require_writable, write_error, write_text_atomic
 from .metrics import Scores, eval_metrics, format_metrics
 from .model import CNN, folded_for_inference, load_model
 from .registry import TTA
@@ -136,8 +137,15 @@ def predict_folder(checkpoint: str | Path, images: str | Path, out: str | Path, 
     if canvas is not None and canvas != cfg.geometry.canvas:
         raise UserError(f"--canvas {canvas} differs from the run's geometry.canvas {cfg.geometry.canvas} "
                         f"(from {Run.of(checkpoint).config_path}) — drop --canvas")
-    tta = cfg.train.tta if tta == "auto" else tta
-    x = torch.from_numpy(read_images(root, names, cfg.geometry.canvas))
+    if tta == "auto":  # the run's own views; a bare checkpoint (no config.json) was trained without a record
+        tta = cfg.train.tta if Run.of(checkpoint).config_path.is_file() else "none"
+    try:
+        x = torch.from_numpy(read_images(root, names, cfg.geometry.canvas))
+    except UserError as exc:
+        if "expected" not in str(exc) or not Run.of(checkpoint).config_path.is_file():
+            raise
+        raise UserError(f"{exc} — the run's {Run.of(checkpoint).config_path} says geometry.canvas="
+                        f"{cfg.geometry.canvas}: predict images of the size the model was trained on") from None
     preds = predict_logits(model, x, rt, tta=tta, geom=cfg.geometry).argmax(1).numpy()
     write_text_atomic(out, format_predictions(names, preds))
     return len(names)
@@ -152,9 +160,11 @@ def export_submission(checkpoint: str | Path, config: Config, test_images: str |
     geometry and test-time augmentation), OUT/q1_test.txt and the `extra` text files as one unit:
     all are made in a staging folder first, and nothing in OUT changes unless every one succeeded."""
     out = require_writable(out, "folder")
+    if out.is_symlink():
+        raise UserError(f"{out} is a symbolic link: outputs are never written through one — give the folder itself")
     out.mkdir(parents=True, exist_ok=True)
-    staging = out / ".export.partial"
-    shutil.rmtree(staging, ignore_errors=True)
+    # A fresh staging folder of an unpredictable name (never an existing path followed).
+    staging = Path(tempfile.mkdtemp(prefix=".export.", suffix=".partial", dir=out))
     try:
         run = Run(staging)
         run.save_model(load_model(checkpoint), config)
@@ -164,7 +174,7 @@ def export_submission(checkpoint: str | Path, config: Config, test_images: str |
         for name in (MODEL_FILE, CONFIG_FILE, PREDICTIONS_FILE, *(extra or {})):
             os.replace(staging / name, out / name)
     except OSError as exc:
-        raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
+        raise write_error(out, exc) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return n

@@ -3,7 +3,6 @@ diagnostics, sweep summary. Every number in the text is computed here, never typ
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -19,9 +18,9 @@ import pandas as pd  # noqa: E402
 from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 
 from .config import CIFAR_CLASSES, GeometryConfig  # noqa: E402
-from .data.layout import load_split  # noqa: E402
+from .data.layout import TEST_DIRS, load_split  # noqa: E402
 from .diagnostics import class_activation_norms, selectivity, shortcut_diagnostics  # noqa: E402
-from .errors import UserError, atomic_path, require_writable  # noqa: E402
+from .errors import UserError, atomic_path, read_json, require_writable  # noqa: E402
 from .diagnostics import LAYERS  # noqa: E402
 from .evaluate import confusion, evaluate_split, rubric_band  # noqa: E402
 from .metrics import gap_interval  # noqa: E402
@@ -261,7 +260,7 @@ def sweep_pages(report: Report, study_name: str, storage: str | None) -> None:
 
     try:
         study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
-    except (KeyError, UserError):
+    except KeyError:  # no such study (no sweep yet): no sweep pages; an unreachable storage is an error
         return
     trials = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs"))
     done = trials[trials["state"] == "COMPLETE"].sort_values("value", ascending=False)
@@ -310,7 +309,7 @@ def compare_pages(report: Report, folder: Path) -> None:
 
 def _checkpoint_and_run(checkpoint: str | Path | None, out: Path) -> tuple[Path, dict]:
     info_path = out / "best_run.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    info = read_json(info_path, "best_run.json record", "remove it or export again with `make best`") if info_path.is_file() else {}
     if checkpoint is None:
         checkpoint = out / "q1_model.pt"
         if not checkpoint.is_file():
@@ -342,10 +341,9 @@ def build_report(checkpoint: str | Path | None = None, data: str | Path = "data/
         rep.headline.append(f"Val accuracy {val_metrics['acc']:.2f} % on {len(val)} images"
                             + (f"; digit-aligned {val_metrics['aligned_acc']:.2f} %, digit-conflicting "
                                f"{val_metrics['conflicting_acc']:.2f} %" if "aligned_acc" in val_metrics else ""))
-        try:
-            test = load_split(data, "test", geom.canvas)
-        except UserError:
-            test = None
+        # No test folder: no test pages. A test folder that cannot be read (a malformed
+        # test_labels.csv, say) is an error, not a silently shorter report.
+        test = load_split(data, "test", geom.canvas) if any((Path(data) / d).is_dir() for d in TEST_DIRS) else None
         if test is not None and test.has_labels:
             test_metrics, test_preds = evaluate_split(model, test, rt, geom=geom)
             rep.headline.append(f"Test accuracy {test_metrics['acc']:.2f} % ({rubric_band(test_metrics['acc'])})"

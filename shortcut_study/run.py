@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .config import Config
-from .errors import UserError, atomic_path, write_text_atomic
+from .errors import UserError, atomic_path, read_json, write_text_atomic
 from .model import CNN, load_model, plain_state_dict
 
 MODEL_FILE = "q1_model.pt"
@@ -77,12 +77,7 @@ class Run:
         path = self.config_path
         if not path.is_file():
             return Config()
-        try:
-            tree = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError, OSError) as exc:
-            raise UserError(f"{path} is not a readable run config ({exc}) — remove it or retrain the run") from None
-        if not isinstance(tree, dict):
-            raise UserError(f"{path} is not a run config — remove it or retrain the run")
+        tree = read_json(path, "run config", "remove it or retrain the run")
         digest = tree.pop(_HASH_KEY, None)
         model = checkpoint or self.model_path
         if digest and model.is_file() and _sha256(model) != digest:
@@ -114,12 +109,35 @@ class Run:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
             raise UserError(f"cannot resume from {path} ({type(exc).__name__}: {first}) — delete it to "
                             "start afresh") from None
-        needed = ("model", "optimizer", "scheduler", "rng", "history", "epoch", "config", "method")
-        if not isinstance(state, dict) or any(k not in state for k in needed):
-            raise UserError(f"cannot resume from {path}: not a shortcut-study training state — delete it to "
-                            "start afresh")
+        problem = _state_problem(state)
+        if problem:
+            raise UserError(f"cannot resume from {path}: not a shortcut-study training state ({problem}) — delete it "
+                            "to start afresh")
         return state
 
     def write_history(self, history: list[dict[str, float]]) -> None:
         with atomic_path(self.history_path) as tmp:
             pd.DataFrame(history).to_csv(tmp, index=False)
+
+
+# What `last.pt` must hold, and of which type, before anything reads it.
+_STATE_TYPES = {"model": dict, "optimizer": dict, "scheduler": dict, "rng": torch.Tensor, "history": list,
+                "epoch": int, "config": dict, "method": dict, "best_score": (int, float), "best_epoch": int}
+
+
+def _state_problem(state: Any) -> str:
+    """What is wrong with a loaded training state ('' when nothing)."""
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__}, not a table"
+    for key, kind in _STATE_TYPES.items():
+        if key not in state:
+            return f"no {key!r}"
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            return f"{key!r} is a {type(state[key]).__name__}"
+    if not isinstance(state["method"].get("name"), str) or not isinstance(state["method"].get("state", {}), dict):
+        return "'method' lacks its name or state"
+    if not all(isinstance(h, dict) for h in state["history"]):
+        return "'history' holds something other than epoch records"
+    if not 0 <= state["epoch"] <= 10**6 or not 0 <= state["best_epoch"] <= state["epoch"]:
+        return "its epoch counters are out of range"
+    return ""

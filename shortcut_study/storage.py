@@ -43,6 +43,11 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+# A server that accepts a connection and never answers must not hang a command: libpq gives up
+# connecting after `connect_timeout` seconds, and a statement that runs longer than two minutes is
+# cancelled (Optuna's statements take milliseconds). The claim lock's own connection waits for the
+# lock as long as another worker holds it, so it sets only the connect timeout.
+PG_CONNECT_ARGS = {"connect_timeout": 10, "options": "-c statement_timeout=120000"}
 # Storages with a claim lock (ClaimLock): a file lock for SQLite, an advisory lock for PostgreSQL.
 RDB_SCHEMES = ("sqlite", "postgresql")
 # Under the working directory, as Optuna's and MLflow's own defaults are.
@@ -67,7 +72,7 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
         path.parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"connect_args": {"timeout": 60}}  # wait for a busy writer, not "database is locked"
     else:
-        engine_kwargs = {"pool_pre_ping": True}
+        engine_kwargs = {"pool_pre_ping": True, "connect_args": PG_CONNECT_ARGS}
     last: Exception | None = None
     for attempt in range(6):  # fresh workers on several hosts race to create the schema
         try:
@@ -108,7 +113,8 @@ class ClaimLock:
         if self._pg is None:
             import sqlalchemy
 
-            engine = sqlalchemy.create_engine(self._url, poolclass=sqlalchemy.pool.NullPool)
+            engine = sqlalchemy.create_engine(self._url, poolclass=sqlalchemy.pool.NullPool,
+                                              connect_args={"connect_timeout": PG_CONNECT_ARGS["connect_timeout"]})
             self._pg = engine.raw_connection()
         try:
             with contextlib.closing(self._pg.cursor()) as cur:

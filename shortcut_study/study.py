@@ -243,6 +243,9 @@ def validate_sweep(opts: SweepOptions) -> None:
     """Every option checked before any trial: a bad one is a one-line error, not N failed trials."""
     if opts.objective not in OBJECTIVES:
         raise UserError(f"unknown objective {opts.objective!r}: choose one of {', '.join(OBJECTIVES)}")
+    if not opts.study or not all(c.isalnum() or c in "-_." for c in opts.study) or opts.study.startswith("."):
+        raise UserError(f"--study {opts.study!r}: use letters, digits, '-', '_' or '.' (it names a folder under "
+                        f"{STUDIES}/ and an MLflow experiment)")
     for name, value, low in (("--n-trials", opts.n_trials, 1), ("--heartbeat", opts.heartbeat, 1),
                              ("--subset", opts.subset, 0)):
         if value < low:
@@ -356,8 +359,14 @@ def best(data: str | Path, study_name: str, storage: str | None, tracking_uri: s
         info = {"run_id": run_id, "trial": trial.number, "study": study_name, "value": trial.value,
                 "params": trial.params,
                 "metrics": {k: v for k, v in run.data.metrics.items() if k.startswith("best_")}}
-        n = export_submission(local, trial_run_config(run.data.params), split_dir(Path(data), "test"), out,
-                              extra={"best_run.json": json.dumps(info, indent=2, sort_keys=True) + "\n"})
+        try:
+            n = export_submission(local, trial_run_config(run.data.params), split_dir(Path(data), "test"), out,
+                                  extra={"best_run.json": json.dumps(info, indent=2, sort_keys=True) + "\n"})
+        except UserError as exc:
+            if str(local) not in str(exc):
+                raise
+            raise UserError(f"the q1_model.pt artifact of MLflow run {run_id} (trial {trial.number} of study "
+                            f"{study_name}) is not a usable checkpoint: {str(exc).replace(str(local), 'it')}") from None
     lines = [f"best run {run_id} (trial {trial.number} of study {study_name}): objective {trial.value:.2f}"]
     lines += [f"  {k} = {v}" for k, v in sorted(trial.params.items())]
     lines += [f"  {k} = {v:.2f}" for k, v in sorted(info["metrics"].items())]

@@ -434,8 +434,10 @@ def fit(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = F
         train_loss, train_acc, seen, train_seconds = _train_epoch(trainer, ema)
         method.on_epoch_end(epoch)
         if not math.isfinite(train_loss):
-            raise TrainingDiverged(f"training diverged at epoch {epoch} (loss {train_loss}): "
-                                   f"lower train.lr (now {t.lr})")
+            knobs = [f"train.lr (now {t.lr})"] + [f"method.{k} (now {v})" for k, v in cfg.method.items()
+                                                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            raise TrainingDiverged(f"training diverged at epoch {epoch} (loss {train_loss}): lower "
+                                   + " or ".join(knobs))
         eval_model = ema.module if ema is not None else model
         t1 = time.perf_counter()
         # Model selection sees the epochs that are evaluated: every `eval_every`-th and the last.

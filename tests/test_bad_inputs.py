@@ -142,6 +142,57 @@ def _report(extra, history=None):
     return setup
 
 
+def _config_json(text):
+    def setup(w):
+        (w["run"] / "config.json").write_text(text)
+        return ["predict", "--checkpoint", str(w["run"] / "q1_model.pt"), "--images",
+                str(w["data"] / "test_unlabeled"), "--out", str(w["root"] / "p.txt")]
+    return setup
+
+
+def _state_edit(edit):
+    def content(w):
+        state = torch.load(w["run"] / "last.pt", weights_only=True)
+        edit(state)
+        return state
+    return _last(content)
+
+
+def _best_run_json(text):
+    def setup(w):
+        out = w["root"] / "results"
+        out.mkdir()
+        shutil.copyfile(w["run"] / "q1_model.pt", out / "q1_model.pt")
+        (out / "best_run.json").write_text(text)
+        return ["report", "--data", str(w["data"]), "--out", str(out), "--study", ""]
+    return setup
+
+
+def _nan_oracle(w):
+    from shortcut_study.data.oracle import DigitOracle
+
+    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+             for k, v in DigitOracle().state_dict().items()}
+    torch.save(state, w["root"] / "nan_oracle.pt")
+    return ["data", "annotate", str(w["data"]), "--force", "--oracle", str(w["root"] / "nan_oracle.pt")]
+
+
+def _out_symlink(w):
+    (w["root"] / "link").symlink_to(w["data"], target_is_directory=True)
+    return ["data", "build", "--cifar", str(w["data"]), "--mnist", str(w["data"]), "--out", str(w["root"] / "link")]
+
+
+def _train(*sets):
+    return lambda w: ["train", "--data", str(w["data"]), "--out", str(w["root"] / "new"), "--epochs", "1",
+                      *sum((["--set", s] for s in sets), [])]
+
+
+def _report_bad_test_labels(w):
+    _edit_csv(w["data"] / "test_labels.csv", "label", "cat")
+    return ["report", "--checkpoint", str(w["run"] / "q1_model.pt"), "--data", str(w["data"]),
+            "--out", str(w["root"] / "results"), "--study", ""]
+
+
 CASES: list[Case] = [
     # 1. no code runs from a checkpoint
     ("crafted oracle", _oracle_crafted, "digit oracle"),
@@ -192,6 +243,31 @@ CASES: list[Case] = [
     ("bad tta in the run's config.json", _bad_tta_beside_checkpoint, "config.json"),
     ("garbage archive", _garbage_archive, "truncated or corrupt"),
     ("argparse error", lambda w: ["train", "--data", str(w["data"])], "--out"),
+    # 7. round two (issue 25; ids of ../shared/reviews/bad-inputs-2026-12.md)
+    ("Q05 config.json a list nested 100,000 deep", _config_json("[" * 100_000 + "]" * 100_000), "nested too deep"),
+    ("Q06 config.json an object nested 100,000 deep", _config_json('{"a":' * 100_000 + "1" + "}" * 100_000),
+     "nested too deep"),
+    ("Q25 last.pt without best_score", _state_edit(lambda s: s.pop("best_score")), "no 'best_score'"),
+    ("Q26 last.pt method a string", _state_edit(lambda s: s.update(method="erm")), "'method' is a str"),
+    ("Q27 last.pt config a list", _state_edit(lambda s: s.update(config=[1, 2, 3])), "'config' is a list"),
+    ("Q28 last.pt epoch a string", _state_edit(lambda s: s.update(epoch="one")), "'epoch' is a str"),
+    ("Q29 last.pt history a string", _state_edit(lambda s: s.update(history="nope")), "'history' is a str"),
+    ("Q31 best_run.json not JSON", _best_run_json("{nope"), "best_run.json"),
+    ("Q32 best_run.json a list", _best_run_json("[1]"), "best_run.json"),
+    ("Q20 oracle with NaN weights", _nan_oracle, "NaN"),
+    ("G02 a 20-digit seed", _train("train.seed=99999999999999999999"), "train.seed"),
+    ("G03 build --seed -1", lambda w: ["data", "build", "--cifar", str(w["data"]), "--mnist", str(w["data"]),
+                                       "--out", str(w["root"] / "b"), "--seed", "-1"], "build.seed"),
+    ("G05 batch size 1", _train("train.batch_size=1"), "train.batch_size"),
+    ("M20 upweight 1e308", _train("train.method=jtt", "method.upweight=1e308"), "method.upweight"),
+    ("M19 eta 1e308", _train("train.method=groupdro", "method.eta=1e308"), "method.eta"),
+    ("G08 sweep --study ../escape", lambda w: ["sweep", "--data", str(w["data"]), "--study", "../escape",
+                                              "--storage", f"sqlite:///{w['root']}/s.db",
+                                              "--tracking-uri", f"sqlite:///{w['root']}/m.db"], "--study"),
+    ("N10 bench --presets nosuch before any row", lambda w: ["bench", "--data", str(w["data"]), "--presets", "nosuch",
+                                                             "--steps", "1"], "preset not found: nosuch"),
+    ("T34 report with a bad test_labels.csv", _report_bad_test_labels, "label 'cat'"),
+    ("L04 build --out a symbolic link", _out_symlink, "symbolic link"),
 ]
 
 
@@ -241,3 +317,116 @@ def test_a_failed_export_leaves_the_previous_one_whole(world):
     with pytest.raises(UserError, match="holds no .png"):
         export_submission(run.model_path, run.config(), empty, out, extra={"best_run.json": '{"new": 1}'})
     assert _snapshot(out) == before and not (out / ".export.partial").exists()
+
+
+# ---- round two (issue 25): planted links, interrupted swaps, full disks, silent servers ---------------
+
+def test_planted_staging_links_are_never_followed(world, sources):
+    """L06 / L08: a symlink at the old predictable staging names beside an output is ignored."""
+    from shortcut_study.evaluate import export_submission
+    from shortcut_study.run import Run
+
+    other = world["root"] / "other"
+    other.mkdir()
+    (other / "q1_model.pt").write_text("someone else's")
+    out = world["root"] / "results"
+    out.mkdir()
+    (out / ".export.partial").symlink_to(other, target_is_directory=True)
+    run = Run(world["run"])
+    export_submission(run.model_path, run.config(), world["data"] / "test_unlabeled", out)
+    assert (other / "q1_model.pt").read_text() == "someone else's" and sorted(p.name for p in other.iterdir()) == ["q1_model.pt"]
+    built = world["root"] / "built"
+    (world["root"] / ".built.partial").symlink_to(other, target_is_directory=True)
+    assert main(["data", "build", "--cifar", str(sources["cifar_tgz"]), "--mnist", str(sources["mnist_tgz"]),
+                 "--out", str(built), "--set", "build.train_size=60", "--set", "build.val_size=20",
+                 "--set", "build.test_size=10"]) == 0
+    assert built.is_dir() and not built.is_symlink() and sorted(p.name for p in other.iterdir()) == ["q1_model.pt"]
+
+
+def test_an_interrupted_replacement_leaves_the_old_folder_whole(tmp_path):
+    """I02: the new set is staged whole and swapped in; Ctrl-C before the swap leaves the old set."""
+    from shortcut_study.outputs import replace_folder
+
+    dest = tmp_path / "ds"
+    dest.mkdir()
+    (dest / "metadata.csv").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with replace_folder(dest) as stage:
+            (stage / "metadata.csv").write_text("new")
+            raise KeyboardInterrupt
+    assert (dest / "metadata.csv").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+    with replace_folder(dest) as stage:
+        (stage / "metadata.csv").write_text("new")
+    assert (dest / "metadata.csv").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MB tmpfs (as root); skipped, saying why, where it cannot be mounted."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()[:100]}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_is_one_line_naming_the_path(world, tiny_disk, capsys):
+    """F02 / T28: train into a disk too small for its run folder."""
+    (tiny_disk / "filler").write_bytes(b"\0" * 700_000)
+    out = tiny_disk / "run"
+    code = main(["train", "--data", str(world["data"]), "--out", str(out), "--epochs", "1",
+                 "--set", "train.batch_size=32", "--set", "augment.digit_shuffle_p=0"])
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if "error:" in line]  # after the progress bar
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert "disk is full" in errors[0] and str(tiny_disk) in errors[0], err
+    assert not [p for p in tiny_disk.rglob("*.tmp")]  # no half-written file left
+
+
+def test_a_silent_database_is_a_timeout_not_a_hang(world, capsys):
+    """U06: a PostgreSQL port that accepts connections and never answers."""
+    import socket
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    start = time.monotonic()
+    try:
+        code = main(["sweep", "--data", str(world["data"]), "--study", "u06", "--n-trials", "1",
+                     "--storage", f"postgresql://postgres@127.0.0.1:{port}/optuna",
+                     "--tracking-uri", f"sqlite:///{world['root']}/m.db"])
+    finally:
+        listener.close()
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "cannot reach storage" in err and len(err.splitlines()) == 1, err
+    assert time.monotonic() - start < 60
+
+
+def test_a_grid_is_checked_against_each_cells_method(tmp_path):
+    """K30 / K31 / K32 / K33 / K34: method hyperparameters in a grid's recipe are checked against the
+    cell's method; values the axes set may not be set by the recipe too."""
+    from shortcut_study.compare import load_grid
+    from shortcut_study.errors import UserError
+
+    def grid(methods, recipe):
+        path = tmp_path / "g.toml"
+        path.write_text(f'name = "g"\nmethods = {methods}\nagreements = [0.64]\ndigit_sizes = [16]\nseeds = [0]\n'
+                        f'preset = "methods"\n{recipe}')
+        return path
+
+    ok = load_grid(grid('["groupdro"]', "[recipe.method]\neta = 0.05\n"))  # K30: valid, accepted
+    assert ok.cell_config(ok.cells[0]).method["eta"] == 0.05
+    with pytest.raises(UserError, match="cell erm .*method erm has"):  # K32: the middle cell is checked too
+        load_grid(grid('["groupdro", "erm", "groupdro+shuffle"]', "[recipe.method]\neta = 0.05\n"))
+    with pytest.raises(UserError, match="cell groupdro .*method.upweight.*method groupdro has"):  # K31
+        load_grid(grid('["jtt", "groupdro"]', "[recipe.method]\nupweight = 5\n"))
+    with pytest.raises(UserError, match="geometry.digit_size, which its axes decide"):  # K33
+        load_grid(grid('["erm"]', "[recipe.geometry]\ndigit_size = 8\n"))
+    with pytest.raises(UserError, match="train.method, train.seed, which its axes decide"):  # K34
+        load_grid(grid('["erm"]', '[recipe.train]\nmethod = "jtt"\nseed = 7\n'))

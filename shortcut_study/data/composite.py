@@ -9,7 +9,6 @@ with probability p = (agreement - 0.1) / 0.9, else a uniform digit, so the expec
 
 from __future__ import annotations
 
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..config import CIFAR_CLASSES, NORM_MEAN, NORM_STD, BuildConfig, GeometryConfig
-from ..errors import UserError, require_writable
+from ..errors import UserError, require_writable, write_error
+from ..outputs import replace_folder
 from .layout import METADATA, TEST_LABELS, write_cache
 from .sources import CIFAR, MNIST, SourceSplit, load_source
 
@@ -156,43 +156,49 @@ def _looks_built(path: Path) -> bool:
     return meta.is_file() and meta.open().readline().strip() == ",".join(METADATA_COLUMNS)
 
 
+def _write_dataset(root: Path, splits: list, quiet: bool) -> None:
+    """Every file of a dataset into the (empty) folder `root`."""
+    total = sum(len(s.files) for s in splits)
+    with tqdm(total=total, desc="writing composites", unit="img", disable=quiet) as progress:
+        for s in splits:
+            _write_pngs(root, s, progress)
+    rows = []
+    for s in splits:
+        rows.append(pd.DataFrame({
+            "split": s.name, "file": s.files, "label": s.labels, "digit": s.digits,
+            "aligned": (s.labels == s.digits).astype(int), "cifar_index": s.cifar_index,
+            "mnist_index": s.mnist_index}))
+    meta = pd.concat(rows, ignore_index=True)[METADATA_COLUMNS]
+    meta.to_csv(root / METADATA, index=False, lineterminator="\n")
+    test = meta[meta["split"] == "test"]
+    pd.DataFrame({"file": test["file"].map(lambda f: Path(f).name), "label": test["label"],
+                  "digit": test["digit"], "aligned": test["aligned"]}).to_csv(
+        root / TEST_LABELS, index=False, lineterminator="\n")
+    for s in splits:
+        labels = s.labels if s.name != "test" else np.full(len(s.labels), -1)
+        write_cache(root, s.name, s.images, list(zip(s.files, labels.tolist())))
+
+
 def build_dataset(cifar_src: str | Path, mnist_src: str | Path, out: str | Path, build: BuildConfig,
                   geom: GeometryConfig, download: bool = False, quiet: bool = False) -> str:
     """Build the composite dataset into `out` (atomically) and return the summary table."""
     build.validate()
     geom.validate()
     out = require_writable(out, "folder")
+    if out.is_symlink():
+        raise UserError(f"{out} is a symbolic link: a dataset is never written through one — remove it or give "
+                        "another --out")
     if out.exists() and not _looks_built(out):
         raise UserError(f"{out} exists and is not a shortcut-study dataset — choose another --out")
     cifar = load_source(cifar_src, CIFAR, download)
     mnist = load_source(mnist_src, MNIST, download)
     splits = build_splits(cifar, mnist, build, geom)
 
-    partial = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    # Staged whole beside `out` and swapped in (outputs.replace_folder): a Ctrl-C or a full disk leaves
+    # the old dataset or the new one, never neither and never a mixture; no path is followed.
     try:
-        total = sum(len(s.files) for s in splits)
-        with tqdm(total=total, desc="writing composites", unit="img", disable=quiet) as progress:
-            for s in splits:
-                _write_pngs(partial, s, progress)
-        rows = []
-        for s in splits:
-            rows.append(pd.DataFrame({
-                "split": s.name, "file": s.files, "label": s.labels, "digit": s.digits,
-                "aligned": (s.labels == s.digits).astype(int), "cifar_index": s.cifar_index,
-                "mnist_index": s.mnist_index}))
-        meta = pd.concat(rows, ignore_index=True)[METADATA_COLUMNS]
-        meta.to_csv(partial / METADATA, index=False, lineterminator="\n")
-        test = meta[meta["split"] == "test"]
-        pd.DataFrame({"file": test["file"].map(lambda f: Path(f).name), "label": test["label"],
-                      "digit": test["digit"], "aligned": test["aligned"]}).to_csv(
-            partial / TEST_LABELS, index=False, lineterminator="\n")
-        for s in splits:
-            labels = s.labels if s.name != "test" else np.full(len(s.labels), -1)
-            write_cache(partial, s.name, s.images, list(zip(s.files, labels.tolist())))
-        if out.exists():
-            shutil.rmtree(out)
-        partial.rename(out)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+        with replace_folder(out) as partial:
+            _write_dataset(partial, splits, quiet)
+    except OSError as exc:
+        raise write_error(out, exc) from None
     return summary_table(splits)

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..config import CIFAR_CLASSES
-from ..errors import UserError, atomic_path, require_dir
+from ..errors import UserError, atomic_path, read_json, require_dir
 from .sources import CIFAR, class_index
 
 SPLITS = ("train", "val", "test")
@@ -146,13 +146,13 @@ def _read_cache(root: Path, split: str, entries: list[tuple[str, int]]) -> np.nd
     if not (npy.is_file() and meta.is_file()):
         return None
     try:
-        info = json.loads(meta.read_text())
+        info = read_json(meta, "cache index", "")
         digest, newest = _fingerprint(root, entries)
         if info.get("fingerprint") != digest or newest > npy.stat().st_mtime_ns:
             return None
         images = np.load(npy, mmap_mode=None)
-        return images if list(images.shape) == info["shape"] else None
-    except (ValueError, OSError, KeyError):
+        return images if list(images.shape) == info.get("shape") else None
+    except (UserError, ValueError, OSError, KeyError):
         return None  # a stale or damaged cache is rebuilt, never trusted
 
 
@@ -237,8 +237,8 @@ def load_split(data_dir: str | Path, split: str, size: int | None = 40) -> Split
         images = read_images(root, rel_paths, size)
         try:
             write_cache(root, split, images, entries)
-        except OSError:
-            pass  # a read-only dataset folder still works, only slower next time
+        except (OSError, UserError):
+            pass  # a read-only (or full) dataset folder still works, only slower next time
     elif size is not None and images.shape[-1] != size:
         side = images.shape[-1]
         raise UserError(f"{root}/{split}: {side}x{side} images, expected {size}x{size} "

@@ -101,6 +101,10 @@ def load_oracle(path: str | Path | None = None) -> DigitOracle:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as exc:
         raise UserError(f"digit oracle {path} is unreadable ({type(exc).__name__}): retrain it") from None
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"digit oracle {path} holds NaN or infinite weights ({bad[0]}): it would read every digit "
+                        "wrong — retrain it with `shortcut-study data oracle`")
     return model.eval()
 
 
