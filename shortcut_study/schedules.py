@@ -34,8 +34,11 @@ def step(opt: torch.optim.Optimizer, total: int, warmup: int, lr: float) -> lrs.
 
 @SCHEDULES.register("onecycle")
 def onecycle(opt: torch.optim.Optimizer, total: int, warmup: int, lr: float) -> lrs.LRScheduler:
-    return lrs.OneCycleLR(opt, max_lr=lr, total_steps=max(2, total),
-                          pct_start=min(0.5, max(0.05, warmup / max(1, total))))
+    # OneCycleLR divides by (pct_start * total_steps - 1) and by the rest: both phases need a step or
+    # more, so a run of very few steps gets a schedule a little longer than itself (never reached).
+    steps = max(4, total)
+    pct = min(0.5, max(0.05, warmup / steps, 1.5 / steps))
+    return lrs.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=pct)
 
 
 @SCHEDULES.register("constant")

@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 
 from .config import SELECT_METRICS, Config, Param, make_config, set_value
 from .errors import UserError
-from .storage import DEFAULT_STORAGE, STUDIES, ClaimLock, open_storage
+from .storage import DEFAULT_STORAGE, STUDIES, ClaimLock, open_storage, storage_unreachable
 from .tracking import init_tracking
 from .trials import (WorkerSettings, counted, creator_attr, ensure_parent_run, reconcile_failed_runs, run_shared_trials,
                      worker_seed)
@@ -148,8 +148,16 @@ def _trial_runner(opts: SweepOptions, experiment_id: str, parent: str):
                 value = record.get(metric, math.nan)
                 if not math.isfinite(value):
                     return
-                trial.report(value, epoch)
-                if trial.should_prune():
+                try:
+                    trial.report(value, epoch)
+                    prune = trial.should_prune()
+                except Exception as exc:  # a database outage must not fail a training trial (F1)
+                    if not storage_unreachable(exc):
+                        raise
+                    print(f"storage unreachable at epoch {epoch} of trial {trial.number}: not reported, training "
+                          "on", flush=True)
+                    return
+                if prune:
                     raise optuna.TrialPruned(f"pruned at epoch {epoch} ({metric} {value:.2f})")
 
             result = fit(cfg, opts.data, run_dir, on_epoch=on_epoch, quiet=True)

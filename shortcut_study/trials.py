@@ -235,7 +235,12 @@ def reconcile_failed_runs(study: optuna.Study, experiment_id: str) -> int:
     if not failed:
         return 0
     client, fixed = MlflowClient(), 0
-    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+    # RUNNING: a worker killed mid-trial. FINISHED with state COMPLETE: killed after its run ended but
+    # before the result reached Optuna — the trial is failed and run again, so the run is too.
+    runs = [run for status in ("RUNNING", "FINISHED")
+            for run in client.search_runs([experiment_id], filter_string=f"attributes.status = '{status}'",
+                                          max_results=5000)]
+    for run in runs:
         if run.data.tags.get("study") == study.study_name and run.data.tags.get("trial") in failed:
             try:
                 client.set_tag(run.info.run_id, "state", "FAILED")
@@ -285,7 +290,9 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, run_trial: Callable[[optu
         except KeyboardInterrupt:
             tell_patiently(study, trial, TrialState.FAIL, None)  # stopped by hand: failed now, not after the grace
             raise
-    tell_patiently(study, trial, state, value)
+        # Told while the heartbeat still beats: a result waiting out a database outage is not
+        # mistaken for a silent trial by a peer.
+        tell_patiently(study, trial, state, value)
     return study._storage.get_trial(trial._trial_id), error  # noqa: SLF001
 
 

@@ -55,3 +55,13 @@ def test_eval_every_scores_some_epochs_and_always_the_last(dataset, tmp_path):
     hist = pd.read_csv(tmp_path / "run" / "history.csv")
     assert hist["val_acc"].notna().tolist() == [False, True, True]
     assert result.best_epoch in (2, 3) and (tmp_path / "run" / "q1_model.pt").is_file()
+
+
+def test_onecycle_on_a_run_of_two_steps_trains(dataset, tmp_path):
+    """F6: OneCycleLR on a very short run used to divide by zero."""
+    from shortcut_study.config import make_config
+    from shortcut_study.train import fit
+
+    cfg = make_config(sets=["train.schedule=onecycle", "train.epochs=1", "train.subset=64", "train.batch_size=32",
+                            "augment.digit_shuffle_p=0", "train.tta=none"])
+    assert fit(cfg, dataset, tmp_path / "r", quiet=True).history
