@@ -105,3 +105,24 @@ def test_a_name_used_with_another_budget_is_refused(wide_dataset, tmp_path, caps
                       "--out", str(tmp_path / "other"))) == 2
     err = capsys.readouterr().err.strip()
     assert "already holds benchmark 'tiny' with another budget" in err and "settings" in err
+
+
+def test_a_strength_grid_trains_each_method_with_the_benchmarks_choice(tmp_path):
+    from shortcut_study.compare import load_grid
+    from shortcut_study.errors import UserError
+
+    chosen = tmp_path / "chosen.json"
+    chosen.write_text(json.dumps({"chosen": {
+        "erm": {"worst_group": {"setting": 2, "params": {"train.lr": 0.05, "train.weight_decay": 0.0001}}},
+        "groupdro": {"worst_group": {"setting": 1, "params": {"train.lr": 0.1, "method.eta": 0.2}}}}}))
+    grid = tmp_path / "g.toml"
+    grid.write_text(f'name = "g"\nmethods = ["erm", "erm+shuffle", "groupdro"]\nagreements = [0.64]\n'
+                    f'digit_sizes = [16]\nseeds = [0]\npreset = "final"\nchosen = "{chosen}"\n')
+    g = load_grid(grid)
+    by = {c.method: g.cell_config(c) for c in g.cells}
+    assert by["erm"].train.lr == 0.05 and by["erm+shuffle"].train.lr == 0.05  # the reference row takes ERM's
+    assert by["erm+shuffle"].augment.digit_shuffle_p == 1.0 and by["erm"].augment.digit_shuffle_p == 0.0
+    assert by["groupdro"].method["eta"] == 0.2 and by["groupdro"].train.lr == 0.1
+    grid.write_text(grid.read_text().replace('"erm", "erm+shuffle", "groupdro"', '"erm", "jtt"'))
+    with pytest.raises(UserError, match="no worst-group choice for method jtt"):
+        load_grid(grid)
