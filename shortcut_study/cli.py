@@ -89,28 +89,21 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     from .study import SweepOptions, sweep, validate_sweep
-    from .trials import spawn_workers
 
     opts = SweepOptions(data=Path(args.data), study=args.study, n_trials=args.n_trials,
                         timeout=args.timeout or None, storage=args.storage, tracking_uri=args.tracking_uri,
                         epochs=args.epochs, subset=args.subset, objective=args.objective, seed=args.seed,
                         sets=tuple(args.set), heartbeat=args.heartbeat, grace=args.grace,
                         search_shuffle=args.search_shuffle)
-    if args.workers < 1:
-        raise UserError(f"--workers must be >= 1 (got {args.workers})")
     if args.workers > 1:
         validate_sweep(opts)  # once, here, rather than N times in the workers
-        argv = sys.argv[1:] if args.argv is None else args.argv
-        code = spawn_workers(_without_flag(argv, "--workers"), args.workers)
-        if code:
-            raise UserError(f"a sweep worker exited with code {code}; its error is above")
+    if _spawned(args, "sweep"):
         return
     print(sweep(opts))
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
     from .compare import CompareOptions, aggregate, compare, load_grid
-    from .trials import spawn_workers
 
     opts = CompareOptions(grid=load_grid(args.grid, args.set), cifar=args.cifar, mnist=args.mnist,
                           download=args.download, data_root=Path(args.data_root), storage=args.storage,
@@ -119,13 +112,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     if args.aggregate:
         print(aggregate(opts))
         return
-    if args.workers < 1:
-        raise UserError(f"--workers must be >= 1 (got {args.workers})")
-    if args.workers > 1:
-        argv = sys.argv[1:] if args.argv is None else args.argv
-        code = spawn_workers(_without_flag(argv, "--workers"), args.workers)
-        if code:
-            raise UserError(f"a compare worker exited with code {code}; its error is above")
+    if _spawned(args, "compare"):
         print(aggregate(opts))
         return
     print(compare(opts))
@@ -133,7 +120,6 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 def cmd_benchmark(args: argparse.Namespace) -> None:
     from .benchmark import BenchmarkOptions, aggregate, benchmark, load_spec
-    from .trials import spawn_workers
 
     opts = BenchmarkOptions(spec=load_spec(args.spec, args.set), data=Path(args.data), storage=args.storage,
                             tracking_uri=args.tracking_uri, out=Path(args.out), part=args.part,
@@ -141,16 +127,26 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
     if args.aggregate:
         print(aggregate(opts.out, opts.spec))
         return
-    if args.workers < 1:
-        raise UserError(f"--workers must be >= 1 (got {args.workers})")
-    if args.workers > 1:
-        argv = sys.argv[1:] if args.argv is None else args.argv
-        code = spawn_workers(_without_flag(argv, "--workers"), args.workers)
-        if code:
-            raise UserError(f"a benchmark worker exited with code {code}; its error is above")
+    if _spawned(args, "benchmark"):
         print(aggregate(opts.out, opts.spec))
         return
     print(benchmark(opts))
+
+
+def _spawned(args: argparse.Namespace, what: str) -> bool:
+    """With --workers N > 1: run N pinned copies of this command without the flag, and True when
+    they are done (a worker's failure is one error line, its own); False for one worker."""
+    from .trials import spawn_workers
+
+    if args.workers < 1:
+        raise UserError(f"--workers must be >= 1 (got {args.workers})")
+    if args.workers == 1:
+        return False
+    argv = sys.argv[1:] if args.argv is None else args.argv
+    code, error = spawn_workers(_without_flag(argv, "--workers"), args.workers)
+    if code:
+        raise UserError(error or f"a {what} worker exited with code {code}")
+    return True
 
 
 def _without_flag(argv: list[str], flag: str) -> list[str]:

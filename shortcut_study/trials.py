@@ -130,18 +130,33 @@ def gpu_shares(n: int, visible: str | None = None, count: int | None = None) -> 
     return [devices[i % len(devices)] for i in range(n)]
 
 
-def spawn_workers(argv: list[str], n: int) -> int:
+def spawn_workers(argv: list[str], n: int) -> tuple[int, str]:
     """Run `n` copies of the command `argv` (a `sweep` without --workers) side by side, each pinned
     to its share of the cores so their threads split the machine instead of oversubscribing it, and
-    to a GPU of its own when there are several; return the worst exit code."""
+    to a GPU of its own when there are several; return the worst exit code and the first `error:`
+    line a worker printed. Everything else the workers print is passed through as it comes; their
+    error lines are held back, so a failure shows one line (the caller's), not one per worker."""
     import subprocess
     import sys
 
-    procs = []
+    procs, errors, relays = [], [], []
     for share, gpu in zip(core_shares(n), gpu_shares(n, os.environ.get("CUDA_VISIBLE_DEVICES"))):
         env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
-        procs.append(subprocess.Popen([sys.executable, "-m", "shortcut_study.cli", *argv], env=env,
-                                      preexec_fn=lambda share=share: os.sched_setaffinity(0, share)))
+        proc = subprocess.Popen([sys.executable, "-m", "shortcut_study.cli", *argv], env=env, stderr=subprocess.PIPE,
+                                text=True, errors="replace",
+                                preexec_fn=lambda share=share: os.sched_setaffinity(0, share))
+        procs.append(proc)
+
+        def relay(stream=proc.stderr) -> None:
+            for line in stream:
+                if line.startswith("error: "):
+                    errors.append(line.removeprefix("error: ").strip())
+                else:
+                    sys.stderr.write(line)
+                    sys.stderr.flush()
+
+        relays.append(threading.Thread(target=relay, daemon=True))
+        relays[-1].start()
     codes = []
     try:
         for p in procs:
@@ -152,7 +167,9 @@ def spawn_workers(argv: list[str], n: int) -> int:
         for p in procs:
             p.wait()
         raise
-    return max(codes)
+    for t in relays:
+        t.join(timeout=5)
+    return max(codes), (errors[0] if errors else "")
 
 
 # ---- the worker loop shared by `sweep` and `compare` ---------------------------------------------

@@ -268,6 +268,10 @@ CASES: list[Case] = [
                                                              "--steps", "1"], "preset not found: nosuch"),
     ("T34 report with a bad test_labels.csv", _report_bad_test_labels, "label 'cat'"),
     ("L04 build --out a symbolic link", _out_symlink, "symbolic link"),
+    ("U14 two sweep workers on a closed database", lambda w: [
+        "sweep", "--data", str(w["data"]), "--study", "u14", "--workers", "2",
+        "--storage", "postgresql://postgres@127.0.0.1:9/optuna", "--tracking-uri", f"sqlite:///{w['root']}/m.db"],
+     "cannot reach storage"),
 ]
 
 
