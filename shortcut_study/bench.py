@@ -218,7 +218,7 @@ def train_flops_per_image(canvas: int = 40) -> float:
     return 3 * total[0]
 
 
-def peak_images_per_s(bf16: bool) -> float:
+def peak_images_per_s(bf16: bool, canvas: int = 40) -> float:
     """What the CPU's peak arithmetic would allow: cores x clock x FLOPs per cycle (two FMA units of
     the detected vector width; bf16 dot products double it) / FLOPs per training image. An upper
     bound no real loop reaches (memory traffic, batch norm, pooling)."""
@@ -233,7 +233,7 @@ def peak_images_per_s(bf16: bool) -> float:
         return math.nan
     from .runtime import usable_cpus
 
-    return usable_cpus() * mhz * 1e6 * per_cycle / train_flops_per_image()
+    return usable_cpus() * mhz * 1e6 * per_cycle / train_flops_per_image(canvas)
 
 
 def machine_line() -> str:

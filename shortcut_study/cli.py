@@ -49,7 +49,13 @@ def cmd_data_build(args: argparse.Namespace) -> None:
 def cmd_data_annotate(args: argparse.Namespace) -> None:
     from .data.oracle import annotate
 
-    print(annotate(args.data, oracle=args.oracle, mnist=args.mnist, force=args.force))
+    from .config import make_config
+
+    geometry = make_config(sets=[s for s in args.set if s.strip().startswith("geometry.")]).geometry
+    others = [s for s in args.set if not s.strip().startswith("geometry.")]
+    if others:
+        raise UserError(f"data annotate takes geometry.* values only (got {others[0]!r})")
+    print(annotate(args.data, oracle=args.oracle, mnist=args.mnist, force=args.force, geom=geometry))
 
 
 def cmd_data_oracle(args: argparse.Namespace) -> None:
@@ -242,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oracle", help="oracle weights (default: the one shipped with the package)")
     p.add_argument("--mnist", help="MNIST source to train an oracle when none is shipped")
     p.add_argument("--force", action="store_true", help="replace an existing metadata.csv")
+    _add_set_arg(p, "geometry.digit_size=12 (where the digit sits in these images)")
     p.set_defaults(func=cmd_data_annotate)
 
     p = data.add_parser("oracle", help="train the digit oracle on MNIST rendered as in the composites")

@@ -124,10 +124,9 @@ class Grid:
     def cell_config(self, cell: Cell) -> Config:
         base = self.base_config()
         method, shuffle = _split_method(cell.method)
-        canvas = base.geometry.canvas
         sets = [f"train.method={method}", f"train.seed={cell.seed}", f"build.train_agreement={cell.agreement}",
-                f"geometry.digit_size={cell.digit_size}", f"geometry.digit_top={canvas - cell.digit_size}",
-                f"geometry.digit_left={canvas - cell.digit_size}"]
+                *(f"geometry.{k}={getattr(base.geometry.with_corner_digit(cell.digit_size), k)}"
+                  for k in ("digit_size", "digit_top", "digit_left"))]
         if shuffle:
             sets.append("augment.digit_shuffle_p=1.0")
         return make_config(self.preset or None, self.recipe_sets() + self.method_sets(cell.method) + sets)

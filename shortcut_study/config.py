@@ -102,6 +102,10 @@ class GeometryConfig:
             _check(0 <= left and left + size <= self.canvas, f"geometry.{name}_left", left,
                    f"such that the {name} patch fits the {self.canvas}px canvas")
 
+    def with_corner_digit(self, size: int) -> GeometryConfig:
+        """This layout with a `size`-pixel digit in the canvas' bottom-right corner (the course's place)."""
+        return dataclasses.replace(self, digit_size=size, digit_top=self.canvas - size, digit_left=self.canvas - size)
+
     @property
     def cifar_box(self) -> tuple[slice, slice]:
         return (slice(self.cifar_top, self.cifar_top + self.cifar_size),

@@ -196,6 +196,15 @@ def test_a_run_is_predicted_and_diagnosed_on_its_own_geometry(sources, tmp_path)
         diagnostics.predict_logits = real
     assert seen and all(g is None or g.digit_size == 12 for g in seen)
     assert any(g is not None and g.digit_box == (slice(28, 40), slice(28, 40)) for g in seen)
+    # annotate reads the digit where this layout has it
+    copy = tmp_path / "d12-copy"
+    shutil.copytree(data, copy)
+    (copy / "metadata.csv").unlink()
+    assert main(["data", "annotate", str(copy), *geometry]) == 0
+    import pandas as pd
+
+    assert len(pd.read_csv(copy / "metadata.csv")) == 190
+    assert main(["data", "annotate", str(copy), "--force", "--set", "train.lr=0.1"]) == 2
 
 
 def test_torn_config_is_detected(trained_run, tmp_path, capsys):
