@@ -478,6 +478,8 @@ def _finish(run: Run, trainer: Trainer, progress: Progress, selection: SplitData
     t = cfg.train
     selected = CNN().to(trainer.rt.device)
     selected.load_state_dict(progress.best_weights)
+    if trainer.rt.channels_last:
+        selected = selected.to(memory_format=torch.channels_last)
     if trainer.method.finish(selected):
         run.save_model(selected, cfg)
     result.val_scores = score_split(selected, selection, trainer.rt, t.eval_batch_size, t.tta, cfg.geometry,
