@@ -4,6 +4,10 @@ SHELL := /bin/bash
 # A `pip install --user uv` lands here; found by the targets below on a fresh machine.
 export PATH := $(HOME)/.local/bin:$(PATH)
 UV ?= uv
+# Bytecode compiled at install (by every uv sync, `uv run`'s too): these machines set
+# PYTHONDONTWRITEBYTECODE, so without it each process compiles torch's sources again — ~9 s of every
+# command's start and of each subprocess a test spawns (measured: `data build` of 90 images 15 s -> 6 s).
+export UV_COMPILE_BYTECODE := 1
 RUN = $(UV) run --frozen
 SS = $(RUN) shortcut-study
 # Every target that runs Python depends on this stamp: uv and the locked environment, installed once.
@@ -114,9 +118,7 @@ server: $(VENV)
 	$(SS) server --root studies --host $(SERVER_HOST)
 
 ui: $(VENV)
-	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (Ctrl-C stops it)"
-	$(RUN) mlflow ui --backend-store-uri $(TRACKING_URI) --default-artifact-root $(CURDIR)/mlruns/artifacts \
-	  --host 127.0.0.1 --port $(UI_PORT)
+	$(SS) ui --tracking-uri $(TRACKING_URI) --artifacts $(CURDIR)/mlruns/artifacts --port $(UI_PORT)
 
 # The course's folder NAME_project_2/ (code/ + results/) from results/ (what `make best` exported).
 NAME ?=

@@ -65,15 +65,14 @@ def cmd_data_oracle(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .run import Run
-    from .train import fit
-
     from .metrics import format_metrics
+    from .run import Run
+    from .train import fit_replacing
 
     # A resumed run starts from its saved config; options given now must agree with it.
     state = Run(Path(args.out)).load_last() if args.resume else None
     cfg = _config(args, base=state["config"] if state is not None else None)
-    result = fit(cfg, args.data, args.out, resume=args.resume, state=state)
+    result = fit_replacing(cfg, args.data, args.out, resume=args.resume, state=state)
     print(f"best epoch {result.best_epoch} | {result.train_seconds:.0f} s training, {result.images_per_s:.0f} "
           f"images/s ({result.runtime}); val, selected model:")
     print(format_metrics(result.best))
@@ -202,6 +201,12 @@ def cmd_server(args: argparse.Namespace) -> None:
     from .server import serve
 
     serve(Path(args.root), host=args.host, pg_port=args.pg_port, mlflow_port=args.port)
+
+
+def cmd_ui(args: argparse.Namespace) -> None:
+    from .server import ui
+
+    ui(args.tracking_uri, Path(args.artifacts), args.port)
 
 
 def _add_study_args(p: argparse.ArgumentParser) -> None:
@@ -356,6 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pg-port", type=int, default=55432)
     p.add_argument("--port", type=int, default=5000, help="the MLflow server's port")
     p.set_defaults(func=cmd_server)
+
+    p = sub.add_parser("ui", help="MLflow's UI on the study's tracking store (`make ui`)")
+    p.add_argument("--tracking-uri", required=True, help="the tracking store (e.g. sqlite:///mlruns/mlflow.db)")
+    p.add_argument("--artifacts", default="mlruns/artifacts", help="the artifact root of that store")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("bench", help="training speed and accuracy table for this machine")
     p.add_argument("--data", default="data/course")

@@ -35,7 +35,7 @@ from .metrics import METRICS
 from .registry import METHODS
 from .storage import DEFAULT_STORAGE, STUDIES, ClaimLock, file_lock, open_storage
 from .tracking import init_tracking
-from .trials import WorkerSettings, creator_attr, ensure_parent_run, raised_since, run_shared_trials
+from .trials import WorkerSettings, claimed_params, creator_attr, ensure_parent_run, raised_since, run_shared_trials
 
 GRID_DIR = Path("experiments")
 DEFAULT_GRID = GRID_DIR / "compare.toml"
@@ -360,8 +360,8 @@ def next_cell(study: optuna.Study, grid: Grid, since: float = 0.0) -> optuna.Tri
     trials = study.get_trials(deepcopy=False)
     if any(t.state == TrialState.WAITING for t in trials):
         return study.ask()  # an enqueued cell whose process died before asking for it
-    taken = {_cell_of(t.params) for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING)}
-    raised = {_cell_of(t.params) for t in trials if raised_since(t, since)}
+    taken = {_cell_of(claimed_params(t)) for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING)}
+    raised = {_cell_of(claimed_params(t)) for t in trials if raised_since(t, since)}
     missing = [c for c in grid.cells if c not in taken and c not in raised]
     if not missing:
         return None

@@ -63,6 +63,10 @@ class Run:
     def history_path(self) -> Path:
         return self.dir / HISTORY_FILE
 
+    def holds_a_run(self) -> bool:
+        """Any file a training run writes is here (an earlier run, whole or not)."""
+        return any((self.dir / name).exists() for name in (MODEL_FILE, CONFIG_FILE, LAST_FILE, HISTORY_FILE))
+
     # ---- the selected model and its config, written and read as a pair ----
     def save_model(self, model: nn.Module, cfg: Config) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

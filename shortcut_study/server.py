@@ -8,6 +8,8 @@ otherwise. The URLs it prints are what workers pass as `--storage` and `--tracki
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import os
 import pwd
 import shutil
@@ -42,6 +44,41 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def check_listen(host: str, port: int, what: str) -> None:
+    """Refuse, before anything starts, a port that is not one or that another program holds (a foreign
+    server answering there would otherwise pass for ours), and a host this machine cannot listen on."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise UserError(f"--host {host} is not an IP address — give one of this machine's addresses "
+                            "(127.0.0.1, or 0.0.0.0 for every interface)") from None
+    if not 1 <= port <= 65535:
+        raise UserError(f"{what} {port} is not a TCP port — give one from 1 to 65535")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UserError(f"port {port} on {host} ({what}) is already in use by another program — stop it "
+                                f"or choose another {what}") from None
+            raise UserError(f"cannot listen on {host}:{port} ({what}): {exc.strerror} — give an address of this "
+                            "machine with --host") from None
+
+
+def _check_reachable_by_postgres(datadir: Path) -> None:
+    """As root PostgreSQL runs as `postgres`, which must enter every folder above its cluster. The tool
+    never changes permissions of folders it did not create: a closed parent is the user's to open."""
+    pw = pwd.getpwnam("postgres")
+    for parent in datadir.resolve().parents:
+        st = parent.stat()
+        if st.st_uid == pw.pw_uid or st.st_mode & 0o001 or (st.st_gid == pw.pw_gid and st.st_mode & 0o010):
+            continue
+        raise UserError(f"the postgres user cannot enter {parent} (mode {st.st_mode & 0o777:o}) to reach {datadir} — "
+                        f"give a --root others may enter (e.g. under /srv or /var/tmp), or open it yourself "
+                        f"(`chmod o+x {parent}`)")
+
+
 def _as_postgres(cmd: list[str]) -> list[str]:
     """PostgreSQL refuses to run as root: run its tools as the `postgres` user then."""
     if os.geteuid() != 0:
@@ -71,6 +108,10 @@ class LocalPostgres:
         proc = subprocess.run(_as_postgres([str(pg_bin() / cmd[0]), *cmd[1:]]), capture_output=True, text=True)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["failed"])[-1]
+            log = self.datadir / "server.log"
+            if log.is_file():  # pg_ctl says only "Examine the log output": the cause is the log's last error
+                errors = [line for line in log.read_text(errors="replace").splitlines() if "FATAL" in line or "ERROR" in line]
+                last = f"{errors[-1].strip() if errors else last} (log: {log})"
             raise UserError(f"PostgreSQL {cmd[0]} in {self.datadir} failed: {last}")
         return proc
 
@@ -79,12 +120,10 @@ class LocalPostgres:
             return
         self.datadir.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
+            _as_postgres([])  # the postgres user exists
+            _check_reachable_by_postgres(self.datadir)
             pw = pwd.getpwnam("postgres")
-            os.chown(self.datadir, pw.pw_uid, pw.pw_gid)
-            # the postgres user must be able to reach the folder
-            for parent in self.datadir.resolve().parents:
-                if parent.stat().st_mode & 0o001 == 0 and parent != Path("/"):
-                    os.chmod(parent, parent.stat().st_mode | 0o001)
+            os.chown(self.datadir, pw.pw_uid, pw.pw_gid)  # the cluster's own folder, created here
         self._run("initdb", "-D", str(self.datadir), "-U", "postgres", "-A", "trust", "--no-sync")
 
     def start(self, timeout: float = 30) -> None:
@@ -111,19 +150,21 @@ class LocalPostgres:
         return self.url(name)
 
 
-def wait_for_http(url: str, timeout: float = 60, proc: subprocess.Popen | None = None) -> None:
+def wait_for_http(url: str, timeout: float = 60, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
     import urllib.request
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise UserError(f"the MLflow server exited with code {proc.returncode} before answering at {url}")
+            raise UserError(f"the MLflow server exited with code {proc.returncode} before answering at {url}"
+                            + (f" — see {log}" if log else ""))
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2):
                 return
         except OSError:
             time.sleep(0.5)
-    raise UserError(f"the MLflow server did not answer at {url} within {timeout:.0f} s")
+    raise UserError(f"the MLflow server did not answer at {url} within {timeout:.0f} s"
+                    + (f" — see {log}" if log else ""))
 
 
 def start_mlflow_server(backend_url: str, artifacts: Path, host: str, port: int,
@@ -143,6 +184,10 @@ def serve(root: Path = Path("studies"), host: str = "127.0.0.1", pg_port: int = 
     def stop(signum, frame):
         raise KeyboardInterrupt
 
+    check_listen(host, pg_port, "--pg-port")
+    check_listen(host, mlflow_port, "--port")
+    if pg_port == mlflow_port:
+        raise UserError(f"--pg-port and --port are both {pg_port} — give the two servers different ports")
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)  # also when started in the background, where SIGINT is ignored
     pg = LocalPostgres(root / "postgres", pg_port, host)
@@ -154,7 +199,7 @@ def serve(root: Path = Path("studies"), host: str = "127.0.0.1", pg_port: int = 
         backend = pg.create_db("mlflow")
         server = start_mlflow_server(backend, root / "mlflow-artifacts", host, mlflow_port, log=root / "mlflow-server.log")
         tracking = f"http://{host}:{mlflow_port}"
-        wait_for_http(tracking, proc=server)
+        wait_for_http(tracking, proc=server, log=root / "mlflow-server.log")
         print(f"Optuna storage:  --storage {storage}")
         print(f"MLflow tracking: --tracking-uri {tracking}   (UI: {tracking})")
         print("workers: make sweep STORAGE=<storage> TRACKING_URI=<tracking> [WORKERS=N]; Ctrl-C stops both",
@@ -172,3 +217,17 @@ def serve(root: Path = Path("studies"), host: str = "127.0.0.1", pg_port: int = 
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
         pg.stop()
+
+
+def ui(tracking_uri: str, artifacts: Path, port: int, host: str = "127.0.0.1") -> None:
+    """MLflow's UI on the study's store; a busy port is one error line (mlflow ui itself exits 0)."""
+    check_listen(host, port, "UI_PORT")
+    print(f"MLflow UI: http://{host}:{port}  (Ctrl-C stops it)", flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", normalize_db_url(tracking_uri),
+           "--default-artifact-root", str(artifacts.resolve()), "--host", host, "--port", str(port)]
+    try:
+        code = subprocess.run(cmd).returncode
+    except KeyboardInterrupt:
+        return
+    if code not in (0, -signal.SIGINT, 130):
+        raise UserError(f"mlflow ui exited with code {code} (its output is above)")

@@ -391,6 +391,22 @@ def _train_epoch(trainer: Trainer, ema: AveragedModel | None) -> tuple[float, fl
     return float(loss_sum) / max(1, seen), float(correct) / max(1, seen) * 100, seen, seconds
 
 
+def fit_replacing(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = False,
+                  state: dict[str, Any] | None = None) -> TrainResult:
+    """`fit` for the `train` command. A fresh run over a folder that holds an earlier one trains in a
+    staging folder beside it and is swapped in whole: an error, a full disk or Ctrl-C leaves the
+    earlier run as it was, never its files mixed with new ones. A resumed run continues in place, and
+    a fresh one into an empty folder trains there (so it can be resumed if interrupted)."""
+    from .outputs import replace_folder
+
+    out = Path(out_dir)
+    if resume or not Run(out).holds_a_run():
+        return fit(cfg, data_dir, out, resume=resume, state=state)
+    with replace_folder(out) as stage:
+        result = fit(cfg, data_dir, stage)
+    return replace(result, out_dir=out)
+
+
 def fit(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = False,
         on_epoch: EpochCallback | None = None, quiet: bool = False,
         state: dict[str, Any] | None = None) -> TrainResult:

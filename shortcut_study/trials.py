@@ -33,6 +33,8 @@ from .storage import ClaimLock, storage_unreachable
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 HEARTBEAT_ATTR = "heartbeat_at"
+SILENT_ATTR = "failed_as_silent_at"  # set just before a silent trial is failed: its retry is owed
+PARENT_TAG = "parent_of"  # the study a parent MLflow run belongs to (found again after a kill)
 # Trials that count toward `--n-trials`: a failed trial does not, so a study can be completed
 # after a fix, and a killed one is retried.
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
@@ -76,24 +78,44 @@ def _last_sign_of_life(trial: FrozenTrial) -> float:
 def fail_stale(study: optuna.Study, grace: float, on_failed: Callable[[FrozenTrial], None] | None = None,
                retry: bool = True) -> list[FrozenTrial]:
     """Fail every RUNNING trial silent for longer than `grace` seconds; enqueue each one's
-    parameters again (Optuna's retry pattern) when `retry`; call `on_failed` for each."""
+    parameters again (Optuna's retry pattern) when `retry`; call `on_failed` for each. Call it with
+    the claim held. A trial is marked silent before it is failed, so a worker killed between the
+    failing and the enqueueing leaves a mark the next pass finds: its parameters are never lost."""
     storage = study._storage  # noqa: SLF001
     now, failed = time.time(), []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if now - _last_sign_of_life(trial) <= grace:
             continue
         try:
+            storage.set_trial_user_attr(trial._trial_id, SILENT_ATTR, now)  # noqa: SLF001
             if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):  # noqa: SLF001
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker failed it first
-        frozen = storage.get_trial(trial._trial_id)  # noqa: SLF001
-        failed.append(frozen)
-        if retry:
-            RetryHeartbeatStaleTrialCallback(max_retry=3)(study, frozen)
+        fault_point("silent_trial_failed")
+        failed.append(storage.get_trial(trial._trial_id))  # noqa: SLF001
+    if retry:
+        _retry_silent(study)
+    for frozen in failed:
         if on_failed is not None:
             on_failed(frozen)
     return failed
+
+
+def _retry_silent(study: optuna.Study) -> None:
+    """Enqueue again the parameters of every trial failed as silent that has no retry yet."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.system_attrs.get("failed_trial") for t in trials}
+    for trial in trials:
+        if trial.state == TrialState.FAIL and SILENT_ATTR in trial.user_attrs and trial.number not in retried:
+            RetryHeartbeatStaleTrialCallback(max_retry=3)(study, trial)
+
+
+def fault_point(name: str) -> None:
+    """Die here, as a killed machine would, when the tests ask for it (SHORTCUT_STUDY_FAULT=name):
+    the exact code points where a kill used to lose or duplicate work."""
+    if os.environ.get("SHORTCUT_STUDY_FAULT") == name:
+        os.kill(os.getpid(), 9)
 
 
 def worker_seed(base: int) -> int:
@@ -196,6 +218,13 @@ def raised_since(trial: FrozenTrial, since: float) -> bool:
             and trial.datetime_start is not None and trial.datetime_start.timestamp() >= since)
 
 
+def claimed_params(trial: FrozenTrial) -> dict[str, Any]:
+    """A trial's parameters, known from the moment it is claimed. A trial just claimed has not
+    suggested them yet (the claim is released as it starts): an enqueued trial's are still only its
+    fixed parameters, and a peer reading `params` alone would claim the same job again."""
+    return {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+
+
 def next_listed(study: optuna.Study, jobs: list[dict[str, Any]], since: float) -> optuna.Trial | None:
     """The next of a fixed list of jobs to run (call with the claim held): an enqueued one left
     waiting by a process that died; else the first job (identified by its `job` number) that no
@@ -204,8 +233,8 @@ def next_listed(study: optuna.Study, jobs: list[dict[str, Any]], since: float) -
     trials = study.get_trials(deepcopy=False)
     if any(t.state == TrialState.WAITING for t in trials):
         return study.ask()
-    taken = {t.params.get("job") for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING)}
-    taken |= {t.params.get("job") for t in trials if raised_since(t, since)}
+    taken = {claimed_params(t).get("job") for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING)}
+    taken |= {claimed_params(t).get("job") for t in trials if raised_since(t, since)}
     for job in jobs:
         if job["job"] not in taken:
             study.enqueue_trial(job, skip_if_exists=False)
@@ -228,7 +257,9 @@ def creator_attr(study: optuna.Study, key: str, tries: int = 50) -> Any:
 def ensure_parent_run(study: optuna.Study, experiment_id: str, run_name: str, tags: dict[str, str],
                       settings: dict[str, Any]) -> str:
     """The study's one parent MLflow run, made by the first worker and found by the others through
-    a study attribute. Call it with the claim lock held: workers start together."""
+    a study attribute. Call it with the claim lock held: workers start together. A creator killed
+    between creating the run and recording it left a run tagged `parent_of`: it is adopted (ended
+    FINISHED and recorded), so a study never has two parents or one RUNNING forever."""
     from mlflow.entities import Param as RunParam
     from mlflow.tracking import MlflowClient
 
@@ -236,11 +267,17 @@ def ensure_parent_run(study: optuna.Study, experiment_id: str, run_name: str, ta
     if run_id:
         return run_id
     client = MlflowClient()
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-    client.log_batch(run.info.run_id, params=[RunParam(k, str(v)) for k, v in settings.items()])
-    client.set_terminated(run.info.run_id, status="FINISHED")
-    study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
-    return run.info.run_id
+    orphans = client.search_runs([experiment_id], filter_string=f"tags.{PARENT_TAG} = '{study.study_name}'",
+                                 max_results=1, order_by=["attributes.start_time ASC"])
+    if orphans:
+        run_id = orphans[0].info.run_id
+    else:
+        run_id = client.create_run(experiment_id, run_name=run_name, tags={**tags, PARENT_TAG: study.study_name}).info.run_id
+        fault_point("parent_run_created")
+    client.log_batch(run_id, params=[RunParam(k, str(v)) for k, v in settings.items()])
+    client.set_terminated(run_id, status="FINISHED")
+    study.set_user_attr("mlflow_parent_run_id", run_id)
+    return run_id
 
 
 def reconcile_failed_runs(study: optuna.Study, experiment_id: str) -> int:
@@ -295,6 +332,7 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, run_trial: Callable[[optu
         claim.release()  # the trial exists and beats: the next worker may count and claim
         try:
             value, state = run_trial(trial), TrialState.COMPLETE
+            fault_point("run_finished_untold")  # the MLflow run has ended FINISHED; Optuna does not know yet
             if not math.isfinite(value):
                 state, error = TrialState.FAIL, f"objective is {value}"
         except optuna.TrialPruned:
@@ -328,9 +366,9 @@ def run_shared_trials(study: optuna.Study, claim: ClaimLock, next_trial: Callabl
     try:
         while time.monotonic() < settings.deadline:
             try:
-                fail_stale(study, settings.grace, retry=settings.retry)
                 reconcile_failed_runs(study, settings.experiment_id)
                 claim.acquire()
+                fail_stale(study, settings.grace, retry=settings.retry)  # under the claim: one retry each
                 trial = next_trial(study)
                 if trial is None:
                     claim.release()

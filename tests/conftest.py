@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-
+import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -108,11 +109,18 @@ def postgres(tmp_path_factory):
         if os.environ.get("CI"):  # .ci/run installs PostgreSQL: its absence there is a failure
             pytest.fail(f"PostgreSQL missing in CI: {exc}")
         pytest.skip(f"PostgreSQL tests skipped: {exc}")
-    pg = LocalPostgres(tmp_path_factory.mktemp("pg") / "data", free_port())
-    pg.init()
-    pg.start()
-    yield pg
-    pg.stop("immediate")
+    # Not under pytest's 700 temp root: as root the cluster runs as `postgres`, which must enter every
+    # folder above it, and the tool never opens folders it did not create; this one is the test's own.
+    base = Path(tempfile.mkdtemp(prefix="shortcut-study-pg-"))
+    base.chmod(0o711)
+    pg = LocalPostgres(base / "data", free_port())
+    try:
+        pg.init()
+        pg.start()
+        yield pg
+    finally:
+        pg.stop("immediate")
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

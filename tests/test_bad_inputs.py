@@ -365,13 +365,16 @@ def test_an_interrupted_replacement_leaves_the_old_folder_whole(tmp_path):
 
 
 @pytest.fixture
-def tiny_disk(tmp_path):
-    """A 1 MB tmpfs (as root); skipped, saying why, where it cannot be mounted."""
+def tiny_disk(tmp_path, request):
+    """A small tmpfs (1 MB, or the size the test asks for with `@pytest.mark.disk("4m")`) as root;
+    skipped, saying why, where it cannot be mounted."""
     import subprocess
 
+    marker = request.node.get_closest_marker("disk")
+    size = marker.args[0] if marker else "1m"
     mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()[:100]}")
     yield mount
@@ -389,6 +392,24 @@ def test_a_full_disk_is_one_line_naming_the_path(world, tiny_disk, capsys):
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
     assert "disk is full" in errors[0] and str(tiny_disk) in errors[0], err
     assert not [p for p in tiny_disk.rglob("*.tmp")]  # no half-written file left
+
+
+@pytest.mark.disk("4m")
+def test_a_retrain_on_a_full_disk_leaves_the_earlier_run_whole(world, tiny_disk, capsys):
+    """T28: an earlier good run on a disk with too little room for a second; retraining into it
+    fails with one line and leaves every file of the earlier run as it was, nothing beside it."""
+    out = tiny_disk / "run"
+    shutil.copytree(world["run"], out)
+    before = _snapshot(out)
+    free = shutil.disk_usage(tiny_disk).free
+    (tiny_disk / "filler").write_bytes(b"\0" * max(free - 300_000, 0))
+    code = main(["train", "--data", str(world["data"]), "--out", str(out), "--epochs", "1",
+                 "--set", "train.batch_size=32", "--set", "augment.digit_shuffle_p=0"])
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1 and "disk is full" in errors[0] and "Traceback" not in err, err
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tiny_disk.iterdir()) == ["filler", "run"]
 
 
 def test_a_silent_database_is_a_timeout_not_a_hang(world, capsys):
@@ -434,3 +455,46 @@ def test_a_grid_is_checked_against_each_cells_method(tmp_path):
         load_grid(grid('["erm"]', "[recipe.geometry]\ndigit_size = 8\n"))
     with pytest.raises(UserError, match="train.method, train.seed, which its axes decide"):  # K34
         load_grid(grid('["erm"]', '[recipe.train]\nmethod = "jtt"\nseed = 7\n'))
+
+
+def test_ctrl_c_at_any_moment_of_a_rebuild_leaves_the_old_or_the_new_dataset_whole(sources, tmp_path):
+    """I02 through the CLI: `data build` over an existing dataset, SIGINT at moments spread over the
+    whole command (start-up, building, the swap): the folder holds every file of the old dataset or
+    every file of the new one, byte for byte, and nothing is left beside it."""
+    import hashlib
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def build(out: Path, seed: int) -> list[str]:
+        return [sys.executable, "-m", "shortcut_study.cli", "data", "build", "--cifar", str(sources["cifar_tgz"]),
+                "--mnist", str(sources["mnist_tgz"]), "--out", str(out), "--seed", str(seed),
+                "--set", "build.train_size=60", "--set", "build.val_size=20", "--set", "build.test_size=10"]
+
+    def files(root: Path) -> dict[str, str]:
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file()}
+
+    refs = tmp_path / "refs"
+    subprocess.run(build(refs / "old", 1), check=True, capture_output=True)
+    start = time.monotonic()
+    subprocess.run(build(refs / "new", 2), check=True, capture_output=True)
+    took = time.monotonic() - start
+    old, new = files(refs / "old"), files(refs / "new")
+    assert old != new
+    seen = set()
+    for i, fraction in enumerate((0.4, 0.6, 0.75, 0.88, 0.97)):
+        area = tmp_path / f"run{i}"
+        area.mkdir()
+        shutil.copytree(refs / "old", area / "ds")
+        proc = subprocess.Popen(build(area / "ds", 2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(took * fraction)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert "Traceback" not in err, err
+        got = files(area / "ds")
+        assert got in (old, new), f"SIGINT at {fraction:.0%}: neither the old nor the new dataset"
+        assert sorted(p.name for p in area.iterdir()) == ["ds"]  # no staging folder left
+        seen.add("new" if got == new else "old")
+    assert "old" in seen  # at least one interrupt landed before the swap

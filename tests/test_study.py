@@ -252,3 +252,114 @@ def test_a_resumed_run_restores_the_cuda_random_state_when_there_is_one(monkeypa
     fit(make_config(sets=sets), dataset, tmp_path / "r", quiet=True)
     state = Run(tmp_path / "r").load_last()
     assert "cuda_rng" in state and state["cuda_rng"] is None
+
+
+# ---- the distributed sweep's faults (issue 25, F1-F5): a kill or a cut at the exact code point ----------
+
+def _fault_common(dataset, tmp_path, storage: str) -> list[str]:
+    return ["--data", str(dataset), "--study", "t", "--epochs", "1", "--subset", "0", "--storage", storage,
+            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--heartbeat", "1", "--grace", "2",
+            *sum((["--set", s] for s in TINY), [])]
+
+
+def _killed_at(point: str, argv: list[str]) -> None:
+    import os
+
+    done = subprocess.run(_cli(*argv), cwd=REPO, env={**os.environ, "SHORTCUT_STUDY_FAULT": point},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == -9, done.stderr[-2000:]  # died at the point, as a killed machine would
+
+
+def _parents(tmp_path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    return [r for r in mlflow.search_runs(experiment_names=["t"], output_format="list") if r.data.tags.get("role") == "study"]
+
+
+def _storage_url(backend: str, tmp_path, request) -> str:
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path}/optuna.db"
+    return request.getfixturevalue("pg_db")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_killed_while_creating_the_parent_run_leaves_one_parent(dataset, tmp_path, backend, request):
+    """F3: the creator killed after making the parent run, before recording it on the study."""
+    storage = _storage_url(backend, tmp_path, request)
+    common = _fault_common(dataset, tmp_path, storage)
+    _killed_at("parent_run_created", ["sweep", "--n-trials", "1", *common])
+    assert main(["sweep", "--n-trials", "1", *common]) == 0
+    parents = _parents(tmp_path)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    child = _runs(tmp_path)[0]
+    assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_killed_after_its_run_finished_but_before_optuna_knew(dataset, tmp_path, backend, request):
+    """F2: the trial is failed and retried, and its FINISHED run is marked FAILED with it — a failed
+    trial never shows a finished run, and the retry is the one COMPLETE trial of those parameters."""
+    storage = _storage_url(backend, tmp_path, request)
+    common = _fault_common(dataset, tmp_path, storage)
+    _killed_at("run_finished_untold", ["sweep", "--n-trials", "1", *common])
+    assert main(["sweep", "--n-trials", "1", *common]) == 0  # waits out the grace, fails it, retries it
+    trials = optuna.load_study(study_name="t", storage=open_storage(storage)).trials
+    assert trials[0].state == TrialState.FAIL
+    assert [t.params == trials[0].params and t.state == TrialState.COMPLETE for t in trials[1:]].count(True) == 1
+    status = {r.data.tags["trial"]: r.info.status for r in _runs(tmp_path)}
+    assert status[str(trials[0].number)] == "FAILED"
+    assert all(status[str(t.number)] == "FINISHED" for t in trials if t.state == TrialState.COMPLETE)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_killed_while_failing_a_silent_trial_loses_no_parameters(dataset, tmp_path, backend, request):
+    """F4: a worker killed after failing another's silent trial, before enqueueing its retry: the
+    next worker enqueues it (once)."""
+    import time
+
+    storage = _storage_url(backend, tmp_path, request)
+    common = _fault_common(dataset, tmp_path, storage)
+    assert main(["sweep", "--n-trials", "1", *common]) == 0  # the study, its default trial
+    study = optuna.load_study(study_name="t", storage=open_storage(storage))
+    orphan = study.ask({"train.lr": optuna.distributions.FloatDistribution(0.02, 0.4, log=True)})
+    time.sleep(3)  # silent past the grace period
+    _killed_at("silent_trial_failed", ["sweep", "--n-trials", "2", *common])
+    assert study.trials[orphan.number].state == TrialState.FAIL  # failed, and then the worker died
+    assert main(["sweep", "--n-trials", "2", *common]) == 0
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == orphan.number]
+    assert len(retries) == 1 and retries[0].params["train.lr"] == orphan.params["train.lr"]
+    assert retries[0].state == TrialState.COMPLETE
+
+
+def test_a_database_outage_at_an_epoch_report_does_not_fail_the_trial(dataset, tmp_path, monkeypatch, capsys):
+    """F1: the end-of-epoch report raises Optuna's StorageInternalError (the database is away); the
+    trial trains on and its result is told when the database is back."""
+    calls = {"n": 0}
+    real = optuna.Trial.report
+
+    def away_once(self, value, step):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise optuna.exceptions.StorageInternalError("could not connect to server: Connection refused")
+        return real(self, value, step)
+
+    monkeypatch.setattr(optuna.Trial, "report", away_once)
+    assert sweep(_opts(dataset, tmp_path, n_trials=1, sets=(*TINY, "train.eval_every=1"))) is not None
+    assert calls["n"] >= 1 and "not reported, training on" in capsys.readouterr().out
+    trials = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path}/optuna.db").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE]
+
+
+def test_an_error_after_training_is_recorded_on_run_and_trial(dataset, tmp_path, monkeypatch):
+    """F5: artifact logging fails (a read-only store) after training: the MLflow run ends FAILED with
+    its state and error tags, and the trial records the error."""
+    def read_only(*args, **kwargs):
+        raise PermissionError("[Errno 30] Read-only file system: 'mlruns/artifacts'")
+
+    monkeypatch.setattr(mlflow, "log_artifact", read_only)
+    with pytest.raises(UserError, match="Read-only"):
+        sweep(_opts(dataset, tmp_path, n_trials=3))
+    trials = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path}/optuna.db").trials
+    assert trials and all(t.state == TrialState.FAIL and "Read-only" in t.user_attrs["error"] for t in trials)
+    runs = _runs(tmp_path)
+    assert runs and all(r.info.status == "FAILED" and r.data.tags["state"] == "FAILED" and "Read-only" in r.data.tags["error"]
+                        for r in runs)
