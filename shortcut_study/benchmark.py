@@ -98,7 +98,12 @@ class BenchmarkSpec:
         base = make_config(self.preset, self._sets(self.search) + [f"train.method={method}"]).flat()
         settings = [{k: base[k] for k in space}]
         sampler = optuna.samplers.RandomSampler(seed=zlib.crc32(f"{self.name}:{method}".encode()))
-        draws = optuna.create_study(sampler=sampler)
+        previous = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # the draws' in-memory study is bookkeeping
+        try:
+            draws = optuna.create_study(sampler=sampler)
+        finally:
+            optuna.logging.set_verbosity(previous)
         for _ in range(self.settings - 1):
             trial = draws.ask()
             settings.append({k: p.suggest(trial, k) for k, p in space.items()})

@@ -29,7 +29,7 @@ from .config import NORM_MEAN, NORM_STD, SELECT_METRICS, Config
 from .data.layout import SplitData, load_split
 from .errors import UserError, require_writable
 from .crossed import can_cross
-from .evaluate import evaluate_split, predict_logits, score_split
+from .evaluate import predict_logits, score_split
 from .groups import group_ids
 from .lookahead import Lookahead
 from .methods.base import Method, TrainContext, check_groups
@@ -330,6 +330,9 @@ class Progress:
     best_epoch: int = 0
     epoch: int = 0  # the last finished epoch
     best_weights: dict[str, torch.Tensor] | None = None  # the selected model's, on the CPU
+    # Its val scores, when its epoch scored what the run's result needs (the run's views and the
+    # crossed val): `_finish` then reuses them instead of scoring the same model again. Not saved.
+    best_scores: Scores | None = None
 
 
 def _restore(trainer: Trainer, ema: AveragedModel | None, state: dict[str, Any], run: Run) -> Progress:
@@ -459,9 +462,11 @@ def fit(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = F
         # Model selection sees the epochs that are evaluated: every `eval_every`-th and the last.
         evaluated = epoch % t.eval_every == 0 or epoch == t.epochs
         metrics: dict[str, float] = {}
+        scores = None
         if evaluated:
-            metrics, _ = evaluate_split(eval_model, selection, rt, t.eval_batch_size, monitor_tta(t.tta), cfg.geometry,
-                                        crossed=crossed_each_epoch, train_agreement=agreement)
+            scores = score_split(eval_model, selection, rt, t.eval_batch_size, monitor_tta(t.tta), cfg.geometry,
+                                 crossed=crossed_each_epoch, train_agreement=agreement)
+            metrics = eval_metrics(scores)
         record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                   "lr": trainer.opt.param_groups[0]["lr"], "train_seconds": train_seconds,
                   "eval_seconds": time.perf_counter() - t1, "images_per_s": seen / train_seconds,
@@ -473,6 +478,8 @@ def fit(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = F
         if evaluated and (score > progress.best_score or progress.best_epoch == 0):
             progress.best_score, progress.best_epoch = score, epoch
             progress.best_weights = plain_state_dict(eval_model)
+            complete = crossed_each_epoch and monitor_tta(t.tta) == t.tta
+            progress.best_scores = scores if complete else None
             run.save_model(eval_model, cfg)
         _checkpoint(run, trainer, ema, progress, cfg)
         bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{metrics.get('acc', math.nan):.1f}",
@@ -498,8 +505,9 @@ def _finish(run: Run, trainer: Trainer, progress: Progress, selection: SplitData
         selected = selected.to(memory_format=torch.channels_last)
     if trainer.method.finish(selected):
         run.save_model(selected, cfg)
-    result.val_scores = score_split(selected, selection, trainer.rt, t.eval_batch_size, t.tta, cfg.geometry,
-                                    train_agreement=agreement)
+        progress.best_scores = None  # refit (DFR): scored anew
+    result.val_scores = progress.best_scores or score_split(selected, selection, trainer.rt, t.eval_batch_size, t.tta,
+                                                            cfg.geometry, train_agreement=agreement)
     result.best = {k: v for k, v in eval_metrics(result.val_scores).items() if k in METRICS}
     result.model = selected.eval()
     return result
