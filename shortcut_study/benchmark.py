@@ -304,6 +304,7 @@ def _search_runner(opts: BenchmarkOptions, method: str, experiment_id: str, pare
         k = trial.suggest_int("job", 0, opts.spec.settings - 1)
         params = settings[k]
         trial.set_user_attr("params", params)
+        trial.set_user_attr("label", f"{method} setting {k}")
         cfg = opts.spec.search_config(method, params, seed=k)
         import mlflow
 
@@ -429,7 +430,7 @@ def benchmark(opts: BenchmarkOptions) -> str:
           f"{len(seed_jobs(spec, list(spec.rows())))} seed runs ({opts.part_name})", flush=True)
 
     def report(frozen: optuna.trial.FrozenTrial) -> None:
-        what = ", ".join(f"{k} {v}" for k, v in frozen.params.items() if k != "job")
+        what = frozen.user_attrs.get("label") or ", ".join(f"{k} {v}" for k, v in frozen.params.items() if k != "job")
         print(f"  {frozen.state.name.lower():<8} {what}", flush=True)
 
     try:

@@ -506,8 +506,10 @@ def _finish(run: Run, trainer: Trainer, progress: Progress, selection: SplitData
     if trainer.method.finish(selected):
         run.save_model(selected, cfg)
         progress.best_scores = None  # refit (DFR): scored anew
-    result.val_scores = progress.best_scores or score_split(selected, selection, trainer.rt, t.eval_batch_size, t.tta,
-                                                            cfg.geometry, train_agreement=agreement)
+    result.val_scores = progress.best_scores
+    if result.val_scores is None:
+        result.val_scores = score_split(selected, selection, trainer.rt, t.eval_batch_size, t.tta, cfg.geometry,
+                                        train_agreement=agreement)
     result.best = {k: v for k, v in eval_metrics(result.val_scores).items() if k in METRICS}
     result.model = selected.eval()
     return result

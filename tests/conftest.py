@@ -52,6 +52,26 @@ def make_mnist_tree(root: Path, per_class: int = 12, per_class_test: int = 4, se
     return root
 
 
+def start_health_server():
+    """Another program's HTTP server on a free loopback port, answering every GET with 200 OK (as a
+    colleague's MLflow server answers /health); returns (server, port). Stop it with .shutdown()."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, httpd.server_address[1]
+
+
 def make_tar(tree: Path, out: Path) -> Path:
     with tarfile.open(out, "w:gz") as tar:
         tar.add(tree, arcname=tree.name)

@@ -89,7 +89,7 @@ def test_a_shuffled_batch_carries_the_digits_it_shows(dataset):
 
 
 def test_worst_group_selection_trains_and_scores_the_crossed_val(wide_dataset, tmp_path):
-    cfg = make_config(sets=["train.select=worst_group", "train.epochs=2", "train.batch_size=32",
+    cfg = make_config(sets=["train.select=worst_group", "train.epochs=2", "train.batch_size=32", "train.tta=flip",
                             "train.eval_batch_size=64", "augment.digit_shuffle_p=0"])
     result = fit(cfg, wide_dataset, tmp_path / "r", quiet=True)
     scored = [h for h in result.history if "val_worst_group_acc" in h]
@@ -102,6 +102,16 @@ def test_worst_group_selection_trains_and_scores_the_crossed_val(wide_dataset, t
 
     test, _, _ = score_run(tmp_path / "r", wide_dataset)
     assert 0 <= test["worst_group_acc"] <= test["mean_group_acc"] <= 100 and math.isfinite(test["id_acc"])
+    # The selected epoch's scores, reused as the run's result, are what scoring the model anew gives.
+    from shortcut_study.data.layout import load_split
+    from shortcut_study.evaluate import score_split
+    from shortcut_study.metrics import eval_metrics
+    from shortcut_study.runtime import train_runtime
+
+    val = load_split(wide_dataset, "val")
+    fresh = eval_metrics(score_split(result.model, val, train_runtime(cfg.train), 64, cfg.train.tta, cfg.geometry))
+    common = set(fresh) & set(result.best)  # id_acc needs the training agreement, which fit knows
+    assert len(common) >= 10 and {k: round(fresh[k], 6) for k in common} == {k: round(result.best[k], 6) for k in common}
 
 
 @pytest.mark.parametrize("sets, message", [

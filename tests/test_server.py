@@ -8,14 +8,14 @@ from __future__ import annotations
 import os
 import pwd
 import socket
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from threading import Thread
 
 import pytest
 
 from shortcut_study.cli import main
 from shortcut_study.server import free_port
+
+from .conftest import start_health_server
 
 
 def _one_line(capsys, code: int) -> str:
@@ -36,18 +36,8 @@ def listener():
 
 @pytest.fixture
 def foreign_http():
-    class Health(BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(b"OK")
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Health)
-    Thread(target=httpd.serve_forever, daemon=True).start()
-    yield httpd.server_address[1]
+    httpd, port = start_health_server()
+    yield port
     httpd.shutdown()
     httpd.server_close()
 
