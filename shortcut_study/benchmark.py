@@ -362,7 +362,7 @@ def _seed_runner(opts: BenchmarkOptions, chosen: dict[str, Any], experiment_id: 
                       "commit": git_commit(), "params": params, "setting": chosen[method][rule]["setting"],
                       "test": {k: v for k, v in test.items() if k in METRICS},
                       "val": {k: v for k, v in result.best.items() if k in METRICS},
-                      "train_loss_first": losses[0], "train_loss_last": losses[-1],
+                      "train_loss_first": losses[0], "train_loss_last": losses[-1], "train_loss_max": max(losses),
                       "epochs": cfg.train.epochs,
                       "images": sum(h["images_per_s"] * h["train_seconds"] for h in result.history),
                       "train_seconds": result.train_seconds, "started": started, "ended": time.time()}
@@ -468,21 +468,38 @@ def read_runs(out: Path) -> list[dict[str, Any]]:
     return [read_benchmark_file(p, "benchmark run") for p in sorted((out / RUNS_DIR).glob("*.json"))]
 
 
+# A seed run at chance: ten classes, so 10 %, plus a margin for the noise of a few thousand images.
+CHANCE_ACC = 10.0 + 3.0
+
+
+def failure(run: dict[str, Any]) -> str | None:
+    """Why a seed run is a recipe defect rather than a data point, or None: its training loss ended
+    above its start or rose above it on the way (diverged), or its val or test accuracy is at chance
+    (collapsed, even if the loss came back down)."""
+    if run["train_loss_last"] > run["train_loss_first"] or run.get("train_loss_max", -math.inf) > run["train_loss_first"]:
+        return "diverged"
+    if min(run["val"].get("acc", math.inf), run["test"].get("acc", math.inf)) <= CHANCE_ACC:
+        return "collapsed"
+    return None
+
+
 def summary_rows(runs: list[dict[str, Any]], spec: BenchmarkSpec) -> list[dict[str, Any]]:
     """Per (row, rule): seeds finished, the chosen setting, every interval metric's mean and 95 %
-    interval over seeds, and the seeds whose training loss ended above its start."""
+    interval over the seeds that trained (a diverged or collapsed seed is named, never averaged in)."""
     rows = []
     for row in spec.rows():
         for rule in spec.rules:
             mine = [r for r in runs if r["row"] == row and r["rule"] == rule and r["seed"] in spec.seeds]
-            out: dict[str, Any] = {"method": row, "rule": rule, "seeds_done": len(mine), "seeds": len(spec.seeds),
-                                   "params": mine[0]["params"] if mine else {},
+            failed = {r["seed"]: failure(r) for r in mine if failure(r)}
+            out: dict[str, Any] = {"method": row, "rule": rule, "seeds_done": len(mine) - len(failed),
+                                   "seeds": len(spec.seeds), "params": mine[0]["params"] if mine else {},
                                    "setting": mine[0]["setting"] if mine else None,
-                                   "not_converged": [r["seed"] for r in mine if r["train_loss_last"] > r["train_loss_first"]],
+                                   "not_converged": [f"{seed} ({why})" for seed, why in sorted(failed.items())],
                                    "parts": sorted({r["part"] for r in mine})}
+            trained = [r for r in mine if r["seed"] not in failed]
             for key, metric in METRICS.items():
                 if metric.interval:
-                    mean, sd, lo, hi = seed_interval(r["test"].get(key, math.nan) for r in mine)
+                    mean, sd, lo, hi = seed_interval(r["test"].get(key, math.nan) for r in trained)
                     out |= {f"{key}_mean": mean, f"{key}_sd": sd, f"{key}_ci_low": lo, f"{key}_ci_high": hi}
             rows.append(out)
     return rows
@@ -533,8 +550,9 @@ def aggregate(out: Path, spec: BenchmarkSpec) -> str:
         f"# Benchmark `{spec.name}`", "",
         "Test accuracy (%) on the unbiased test set: mean over seeds with the 95 % Student-t interval in brackets. "
         "`rule` is how the setting and the epoch were selected: `worst_group` by the worst (class, digit) cell of the "
-        "crossed val, `worst_class` by the worst class (no attribute needed). `not converged` lists seeds whose "
-        "training loss ended above its start.", "",
+        "crossed val, `worst_class` by the worst class (no attribute needed). `seeds` counts the seeds averaged; "
+        "`not converged` names the others — a seed whose training loss rose above its first epoch's (diverged) or "
+        f"whose val or test accuracy is at chance, ≤ {CHANCE_ACC:.0f} % (collapsed): a recipe defect, never averaged in.", "",
         f"Budget: {budget}. Search recipe: preset `{spec.preset}`, {search.epochs} epochs, "
         f"{search.subset or 'all'} training images. Final recipe: {final.epochs} epochs, {final.subset or 'all'} images.",
         "", *lines, "", "Parts:", *(part_lines or ["- none yet"]), ""])

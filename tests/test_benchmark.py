@@ -126,3 +126,19 @@ def test_a_strength_grid_trains_each_method_with_the_benchmarks_choice(tmp_path)
     grid.write_text(grid.read_text().replace('"erm", "erm+shuffle", "groupdro"', '"erm", "jtt"'))
     with pytest.raises(UserError, match="no worst-group choice for method jtt"):
         load_grid(grid)
+
+
+def test_a_diverged_or_collapsed_seed_is_named_and_never_averaged_in():
+    from shortcut_study.benchmark import load_spec, summary_rows
+
+    spec = load_spec(None, ["methods=erm", "reference=", "seeds=0,1,2,3", "rules=worst_group"])
+
+    def run(seed, acc, first=2.3, last=1.0, peak=None):
+        return {"row": "erm", "rule": "worst_group", "seed": seed, "part": "p", "params": {}, "setting": 0,
+                "train_loss_first": first, "train_loss_last": last, "train_loss_max": peak or first,
+                "val": {"acc": acc}, "test": {"acc": acc}}
+
+    runs = [run(0, 60.0), run(1, 62.0), run(2, 10.3), run(3, 55.0, peak=2.7)]
+    row = summary_rows(runs, spec)[0]
+    assert row["not_converged"] == ["2 (collapsed)", "3 (diverged)"] and row["seeds_done"] == 2
+    assert row["acc_mean"] == 61.0  # the two seeds that trained
