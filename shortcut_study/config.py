@@ -33,9 +33,16 @@ NORM_MEAN = (0.438, 0.435, 0.422)
 NORM_STD = (0.228, 0.225, 0.231)
 
 
+def _shown(value: Any) -> str:
+    """A value as an error line shows it: a number of hundreds of digits (an int from 1e308) in short."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**15:
+        return f"{value:.3g}"
+    return repr(value)
+
+
 def _check(ok: bool, name: str, value: Any, want: str) -> None:
     if not ok:
-        raise UserError(f"bad config value {name}={value!r}: must be {want}")
+        raise UserError(f"bad config value {name}={_shown(value)}: must be {want}")
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,7 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
     engine_kwargs: dict[str, Any] = {}
     if scheme == "sqlite":
         path = Path(url.removeprefix("sqlite:///"))
+        require_writable(path)  # a parent that is a file, a read-only mount: named here, with the fix
         path.parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"connect_args": {"timeout": 60}}  # wait for a busy writer, not "database is locked"
     else:
