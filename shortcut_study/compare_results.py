@@ -14,9 +14,10 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from .errors import UserError, atomic_path, require_writable, write_text_atomic
+from .errors import UserError, require_writable
 from .metrics import METRICS as DECLARED
 from .metrics import seed_interval
+from .outputs import replace_folder
 
 if TYPE_CHECKING:
     from .compare import Grid
@@ -192,30 +193,31 @@ def wall_time(study: optuna.Study) -> str:
 
 
 def write_results(study: optuna.Study, grid: Grid, out: Path, parent: str | None = None) -> str:
-    """cells.csv, summary.csv, summary.md and the three plots into `out` (each file written whole),
-    also logged to the parent run; returns the Markdown table."""
+    """cells.csv, summary.csv, summary.md and the three plots into `out`, replaced as one unit (a
+    failure, a full disk included, leaves the earlier set whole), also logged to the parent run;
+    returns the Markdown table."""
     import matplotlib.pyplot as plt
 
     out = require_writable(out, "folder")
-    out.mkdir(parents=True, exist_ok=True)
     cells = cell_table(study, grid)
     summary = summarize(cells, len(grid.seeds))
     table = summary_markdown(summary, grid, cells)
-    with atomic_path(out / "cells.csv") as tmp:
-        cells.to_csv(tmp, index=False)
-    with atomic_path(out / "summary.csv") as tmp:
-        summary.to_csv(tmp, index=False)
     recipe = ", ".join(f"{k}={v}" for k, v in grid.base_config().flat().items()
                        if k.startswith(("train.", "augment.")) and k not in ("train.method", "train.seed"))
-    write_text_atomic(out / "summary.md", f"# Comparison `{grid.name}`\n\n{strength_sentence(summary)}\n\nRun: {wall_time(study)}.\n\nMethods {', '.join(grid.methods)}; agreement "
-                      f"{', '.join(map(str, grid.agreements))}; digit {', '.join(map(str, grid.digit_sizes))} px; seeds "
-                      f"{', '.join(map(str, grid.seeds))}.\n\nRecipe (preset `{grid.preset}`): {recipe}\n\n{table}\n")
-    paths = [out / "cells.csv", out / "summary.csv", out / "summary.md"]
-    for name, fig in strength_figures(summary).items():
-        with atomic_path(out / f"{name}.png") as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-        plt.close(fig)
-        paths.append(out / f"{name}.png")
+    names = ["cells.csv", "summary.csv", "summary.md"]
+    with replace_folder(out) as stage:
+        cells.to_csv(stage / "cells.csv", index=False)
+        summary.to_csv(stage / "summary.csv", index=False)
+        (stage / "summary.md").write_text(
+            f"# Comparison `{grid.name}`\n\n{strength_sentence(summary)}\n\nRun: {wall_time(study)}.\n\nMethods "
+            f"{', '.join(grid.methods)}; agreement {', '.join(map(str, grid.agreements))}; digit "
+            f"{', '.join(map(str, grid.digit_sizes))} px; seeds {', '.join(map(str, grid.seeds))}.\n\nRecipe (preset "
+            f"`{grid.preset}`): {recipe}\n\n{table}\n")
+        for name, fig in strength_figures(summary).items():
+            fig.savefig(stage / f"{name}.png", dpi=120, format="png")
+            plt.close(fig)
+            names.append(f"{name}.png")
+    paths = [out / name for name in names]
     if parent:
         from mlflow.tracking import MlflowClient
 

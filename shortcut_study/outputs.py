@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, disk_full, write_error
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -54,7 +54,12 @@ def replace_folder(dest: str | Path) -> Iterator[Path]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
     try:
-        yield stage
+        try:
+            yield stage
+        except (OSError, RuntimeError) as exc:
+            if not disk_full(exc):
+                raise
+            raise write_error(dest, exc) from None  # a writer that does not name its file (a plot, a table)
         if not dest.exists():
             os.rename(stage, dest)
         elif _exchange(stage, dest):

@@ -721,10 +721,12 @@ def _(w):
     disk = w.tmpfs("f10d", "1m")
     out = disk / "cres"
     shutil.copytree(w.area("f10") / "out", out)
-    before = files(out)
+    # Same grid, same numbers: the contents alone cannot tell old from new; the files' times can.
+    stamps = lambda: {str(q.relative_to(out)): q.stat().st_mtime_ns for q in out.rglob("*") if q.is_file()}  # noqa: E731
+    before = stamps()
     w.fill(disk, 20_000)
     o = run(w.compare("f10", 'methods = ["erm"]\n', out=out), timeout=900, cwd=w.T)
-    return both(one_line(o, "disk is full"), fact(files(out) == before, "old tables and plots whole"))
+    return both(one_line(o, "disk is full"), fact(stamps() == before, "old tables and plots whole, none rewritten"))
 
 
 @case("G02")
