@@ -486,7 +486,8 @@ def test_ctrl_c_at_any_moment_of_a_rebuild_leaves_the_old_or_the_new_dataset_who
     assert old != new
     seen = set()
     # Interrupts at moments spread over the command, and one the moment its staging folder appears
-    # (mid-build, before the swap, whatever the machine's speed): timing alone can miss that window.
+    # (the dataset is written there, then swapped in): whichever side of the swap each lands on,
+    # the folder is one whole dataset. Which side is the machine's timing, so it is not asserted.
     for i, fraction in enumerate((None, 0.2, 0.45, 0.7, 0.85, 0.95)):
         area = tmp_path / f"run{i}"
         area.mkdir()
@@ -505,8 +506,6 @@ def test_ctrl_c_at_any_moment_of_a_rebuild_leaves_the_old_or_the_new_dataset_who
         assert got in (old, new), f"SIGINT at {fraction}: neither the old nor the new dataset"
         assert sorted(p.name for p in area.iterdir()) == ["ds"]  # no staging folder left
         seen.add("new" if got == new else "old")
-        if fraction is None:
-            assert got == old  # stopped while building: the old dataset, whole
 
 
 def _fill(disk: Path, leave: int) -> None:
