@@ -481,12 +481,12 @@ def failure(run: dict[str, Any]) -> str | None:
 
 def summary_rows(runs: list[dict[str, Any]], spec: BenchmarkSpec) -> list[dict[str, Any]]:
     """Per (row, rule): seeds finished, the chosen setting, every interval metric's mean and 95 %
-    interval over the seeds that trained (a diverged or collapsed seed is named, never averaged in)."""
+    interval over the seeds that trained (a diverged seed, or one whose loss spiked, is named, never averaged in)."""
     rows = []
     for row in spec.rows():
         for rule in spec.rules:
             mine = [r for r in runs if r["row"] == row and r["rule"] == rule and r["seed"] in spec.seeds]
-            failed = {r["seed"]: failure(r) for r in mine if failure(r)}
+            failed = {r["seed"]: why for r in mine if (why := failure(r))}
             out: dict[str, Any] = {"method": row, "rule": rule, "seeds_done": len(mine) - len(failed),
                                    "seeds": len(spec.seeds), "params": mine[0]["params"] if mine else {},
                                    "setting": mine[0]["setting"] if mine else None,

@@ -435,6 +435,8 @@ def fit(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = F
     agreement = float((train.digits == train.labels).float().mean()) if train.has_digits else math.nan
     select_key = SELECT_METRICS[t.select]
     crossed_each_epoch = needs_crossed([select_key])
+    # An epoch's val scores are the run's result too when they hold what it needs (see Progress).
+    epoch_scores_complete = crossed_each_epoch and monitor_tta(t.tta) == t.tta
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True) if t.ema_decay else None
 
     prepare_seconds = 0.0
@@ -478,8 +480,7 @@ def fit(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = F
         if evaluated and (score > progress.best_score or progress.best_epoch == 0):
             progress.best_score, progress.best_epoch = score, epoch
             progress.best_weights = plain_state_dict(eval_model)
-            complete = crossed_each_epoch and monitor_tta(t.tta) == t.tta
-            progress.best_scores = scores if complete else None
+            progress.best_scores = scores if epoch_scores_complete else None
             run.save_model(eval_model, cfg)
         _checkpoint(run, trainer, ema, progress, cfg)
         bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{metrics.get('acc', math.nan):.1f}",
