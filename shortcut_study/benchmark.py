@@ -251,9 +251,32 @@ def setting_jobs(spec: BenchmarkSpec, method: str) -> list[dict[str, Any]]:
     return [{"job": k} for k in range(spec.settings)]
 
 
-def seed_jobs(spec: BenchmarkSpec, rows: list[str]) -> list[dict[str, Any]]:
-    """(row, rule, seed) of the seed runs of `rows`, numbered in the spec's order (stable across parts)."""
-    every = [(row, rule, seed) for row in spec.rows() for rule in spec.rules for seed in sorted(spec.seeds)]
+RULE_JOIN = "+"  # a seed run serving several rules: `worst_group+worst_class`
+
+
+def rule_groups(spec: BenchmarkSpec, chosen: dict[str, Any] | None, row: str) -> list[str]:
+    """The rules of `row` as seed runs: rules whose chosen settings agree share one run (each rule
+    selects its own epoch in it), so a benchmark trains each (row, setting, seed) once."""
+    if chosen is None:
+        return list(spec.rules)
+    method, by_setting = row.removesuffix(SHUFFLE), {}
+    for rule in spec.rules:
+        by_setting.setdefault(chosen[method][rule]["setting"], []).append(rule)
+    return [RULE_JOIN.join(rules) for rules in by_setting.values()]
+
+
+def rule_choices(spec: BenchmarkSpec) -> list[str]:
+    """Every value a seed run's `rule` parameter can take: each ordered run of the spec's rules."""
+    from itertools import combinations
+
+    return [RULE_JOIN.join(c) for n in range(1, len(spec.rules) + 1) for c in combinations(spec.rules, n)]
+
+
+def seed_jobs(spec: BenchmarkSpec, rows: list[str], chosen: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """(row, rules, seed) of the seed runs of `rows`, numbered in the spec's order (stable across
+    parts): with the choices known, one run per row, chosen setting and seed (`rule_groups`)."""
+    every = [(row, rule, seed) for row in spec.rows() for rule in rule_groups(spec, chosen, row)
+             for seed in sorted(spec.seeds)]
     return [{"job": zlib.crc32(f"{r}:{u}:{s}".encode()) % 2**31, "row": r, "rule": u, "seed": s}
             for r, u, s in every if r in rows]
 
@@ -330,45 +353,55 @@ def _search_runner(opts: BenchmarkOptions, method: str, experiment_id: str, pare
 
 def _seed_runner(opts: BenchmarkOptions, chosen: dict[str, Any], experiment_id: str, parent: str):
     from .bench import machine_line
-    from .diagnostics import score_run
+    from .diagnostics import score_model
     from .tracking import device_tag, git_commit, log_epoch, tracked_trial
     from .train import fit
 
-    rows, rules = list(opts.spec.rows()), list(opts.spec.rules)
+    rows, choices = list(opts.spec.rows()), rule_choices(opts.spec)
     machine = machine_line()
 
     def run(trial: optuna.Trial) -> float:
         import mlflow
 
         trial.suggest_int("job", 0, 2**31)
-        row, rule = trial.suggest_categorical("row", rows), trial.suggest_categorical("rule", rules)
+        row, joined = trial.suggest_categorical("row", rows), trial.suggest_categorical("rule", choices)
         seed = trial.suggest_int("seed", 0, 2**31)
+        rules = joined.split(RULE_JOIN)
         method = row.removesuffix(SHUFFLE)
-        params = chosen[method][rule]["params"]
-        cfg = opts.spec.final_config(row, rule, params, seed)
-        run_dir = STUDIES / opts.study_name("seeds") / f"{row}-{rule}-seed{seed}"
+        params = chosen[method][rules[0]]["params"]
+        cfg = opts.spec.final_config(row, rules[0], params, seed)
+        run_dir = STUDIES / opts.study_name("seeds") / f"{row}-{joined}-seed{seed}"
         tags = {"study": opts.study_name("seeds"), "trial": str(trial.number), "role": "seed", "method": row,
-                "rule": rule, "git_commit": git_commit(), "device": device_tag(), "part": opts.part_name}
+                "rule": joined, "git_commit": git_commit(), "device": device_tag(), "part": opts.part_name}
         started = time.time()
-        with tracked_trial(experiment_id, parent, f"{row} {rule} seed {seed}", tags,
+        with tracked_trial(experiment_id, parent, f"{row} {joined} seed {seed}", tags,
                            lambda run_id: trial.set_user_attr("mlflow_run_id", run_id)):
-            mlflow.log_params({**cfg.flat(), "row": row, "rule": rule})
-            result = fit(cfg, opts.data, run_dir, on_epoch=lambda epoch, record: log_epoch(record), quiet=True)
-            test, _, _ = score_run(run_dir, opts.data)
-            if not test:
-                raise UserError(f"{opts.data}/test has no labels: the benchmark scores seed runs on the labelled test split")
+            mlflow.log_params({**cfg.flat(), "row": row, "rule": joined})
+            result = fit(cfg, opts.data, run_dir, on_epoch=lambda epoch, record: log_epoch(record), quiet=True,
+                         also_select=tuple(rules[1:]))
+            selected = {rules[0]: (result.best_epoch, result.model), **result.also}
             losses = [h["train_loss"] for h in result.history]
-            record = {"row": row, "rule": rule, "seed": seed, "part": opts.part_name, "machine": machine,
-                      "commit": git_commit(), "params": params, "setting": chosen[method][rule]["setting"],
-                      "test": {k: v for k, v in test.items() if k in METRICS},
+            common = {"row": row, "seed": seed, "part": opts.part_name, "machine": machine, "commit": git_commit(),
+                      "params": params, "setting": chosen[method][rules[0]]["setting"], "shared_run": joined,
                       "val": {k: v for k, v in result.best.items() if k in METRICS},
                       "train_loss_first": losses[0], "train_loss_last": losses[-1], "train_loss_max": max(losses),
                       "epochs": cfg.train.epochs,
                       "images": sum(h["images_per_s"] * h["train_seconds"] for h in result.history),
-                      "train_seconds": result.train_seconds, "started": started, "ended": time.time()}
-            write_text_atomic(run_file(opts.out, row, rule, seed), json.dumps(record, indent=2, sort_keys=True) + "\n")
-            mlflow.log_metrics({f"test_{k}": v for k, v in record["test"].items() if math.isfinite(v)})
-            return float(test.get(SELECT_METRICS[rule], math.nan))
+                      "train_seconds": result.train_seconds, "started": started}
+            scored: dict[int, dict[str, float]] = {}  # by epoch: rules selecting the same epoch share its scores
+            for rule in rules:
+                epoch, model = selected[rule]
+                if epoch not in scored:
+                    scored[epoch] = score_model(model, cfg, opts.data)[0]
+                test = scored[epoch]
+                if not test:
+                    raise UserError(f"{opts.data}/test has no labels: the benchmark scores seed runs on the labelled "
+                                    "test split")
+                record = {**common, "rule": rule, "epoch": epoch, "test": {k: v for k, v in test.items() if k in METRICS},
+                          "ended": time.time()}
+                write_text_atomic(run_file(opts.out, row, rule, seed), json.dumps(record, indent=2, sort_keys=True) + "\n")
+                mlflow.log_metrics({f"test_{rule}_{k}": v for k, v in record["test"].items() if math.isfinite(v)})
+            return float(scored[selected[rules[0]][0]].get(SELECT_METRICS[rules[0]], math.nan))
 
     return run
 
@@ -427,7 +460,8 @@ def benchmark(opts: BenchmarkOptions) -> str:
                             storage=opts.storage or DEFAULT_STORAGE, retry=False)
     since = time.time()
     print(f"benchmark {spec.name}: {len(spec.methods)} methods x {spec.settings} settings, then "
-          f"{len(seed_jobs(spec, list(spec.rows())))} seed runs ({opts.part_name})", flush=True)
+          f"{len(spec.rows()) * len(spec.seeds)}-{len(seed_jobs(spec, list(spec.rows())))} seed runs "
+          f"(rules that choose the same setting share a run; {opts.part_name})", flush=True)
 
     def report(frozen: optuna.trial.FrozenTrial) -> None:
         what = frozen.user_attrs.get("label") or ", ".join(f"{k} {v}" for k, v in frozen.params.items() if k != "job")
@@ -445,7 +479,7 @@ def benchmark(opts: BenchmarkOptions) -> str:
                 chosen = (earlier or _choose(opts, studies))["chosen"]
                 rows = list(spec.rows())
                 run_shared_trials(seeds_study, ClaimLock(opts.storage or DEFAULT_STORAGE, seeds_study.study_name),
-                                  lambda s: next_listed(s, seed_jobs(spec, rows), since),
+                                  lambda s: next_listed(s, seed_jobs(spec, rows, chosen), since),
                                   _seed_runner(opts, chosen, experiment_id, parent), worker, report, wait=True)
                 break
             if not _anything_running(studies):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import normalize
-from .config import NUM_CLASSES, GeometryConfig
+from .config import NUM_CLASSES, Config, GeometryConfig
 from .data.layout import SplitData, load_split, split_agreement
 from .crossed import with_donor_digits
 from .evaluate import evaluate_split, predict_logits, score_split
@@ -152,6 +152,12 @@ def score_run(run_dir: str | Path, data: str | Path, split: str = "test") -> tup
     (crossed ones included; in-distribution accuracy at the training split's agreement), with the
     predictions and labels. ({}, empty, empty) without labels."""
     model, cfg = Run(Path(run_dir)).load("cpu")
+    return score_model(model, cfg, data, split)
+
+
+def score_model(model: nn.Module, cfg: Config, data: str | Path,
+                split: str = "test") -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """`score_run` for a model in memory, trained with `cfg`."""
     rt = train_runtime(cfg.train)
     model = model.to(rt.device)
     scored = load_split(data, split, cfg.geometry.canvas)

@@ -305,6 +305,9 @@ class TrainResult:
     model: nn.Module | None = None  # the selected model, in memory (also the run's q1_model.pt)
     cfg: Config | None = None
     val_scores: Scores | None = None  # its predictions on the selection split, natural and crossed
+    # Per further selection rule asked of `fit` (`also_select`): the epoch that rule selects and that
+    # epoch's model (the same object as `model` when the epochs agree).
+    also: dict[str, tuple[int, nn.Module]] = field(default_factory=dict)
 
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -333,6 +336,16 @@ class Progress:
     # Its val scores, when its epoch scored what the run's result needs (the run's views and the
     # crossed val): `_finish` then reuses them instead of scoring the same model again. Not saved.
     best_scores: Scores | None = None
+    # Further selection rules (`fit(also_select=...)`): rule -> {"score", "epoch", "weights"}.
+    also: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def offer(self, rule: str, score: float, epoch: int, model: nn.Module) -> bool:
+        """Keep `model` as `rule`'s selection if it scores better than the one kept (or none is)."""
+        kept = self.also.get(rule)
+        if kept is not None and not (score > kept["score"] or math.isnan(kept["score"])):
+            return False
+        self.also[rule] = {"score": score, "epoch": epoch, "weights": plain_state_dict(model)}
+        return True
 
 
 def _restore(trainer: Trainer, ema: AveragedModel | None, state: dict[str, Any], run: Run) -> Progress:
@@ -356,7 +369,7 @@ def _restore(trainer: Trainer, ema: AveragedModel | None, state: dict[str, Any],
         raise UserError(f"cannot resume from {run.last_path}: it does not fit this run ({first}) — delete it "
                         "to start afresh") from None
     return Progress(state["history"], state["best_score"], state["best_epoch"], state["epoch"],
-                    plain_state_dict(best) if best is not None else None)
+                    plain_state_dict(best) if best is not None else None, also=state.get("also") or {})
 
 
 def _checkpoint(run: Run, trainer: Trainer, ema: AveragedModel | None, progress: Progress, cfg: Config) -> None:
@@ -369,7 +382,7 @@ def _checkpoint(run: Run, trainer: Trainer, ema: AveragedModel | None, progress:
                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                    "method": {"name": cfg.train.method, "state": t.method.state_dict()}, "history": progress.history,
                    "best_score": progress.best_score, "best_epoch": progress.best_epoch, "epoch": progress.epoch,
-                   "config": cfg.to_dict()})
+                   "also": progress.also, "config": cfg.to_dict()})
     run.write_history(progress.history)
 
 
@@ -412,10 +425,13 @@ def fit_replacing(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume
 
 def fit(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = False,
         on_epoch: EpochCallback | None = None, quiet: bool = False,
-        state: dict[str, Any] | None = None) -> TrainResult:
+        state: dict[str, Any] | None = None, also_select: tuple[str, ...] = ()) -> TrainResult:
     """Train the required CNN with the configured method; returns the selected model (in memory and
     in the run folder) with its val metrics. With `resume`, continues from `state` (or the run's
-    `last.pt` when not given). `on_epoch` may raise to stop early."""
+    `last.pt` when not given). `on_epoch` may raise to stop early. `also_select` names further
+    selection rules (values of `train.select`): the epoch each selects, and its model, come back in
+    `result.also` — one run serves every rule (the benchmark's), as SubpopBench's rules all read
+    the checkpoints of one run."""
     run = Run(require_writable(out_dir, "folder"))
     cfg.validate()
     if resume:
@@ -434,7 +450,8 @@ def fit(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = F
     check_selection(cfg, selection, data_dir)
     agreement = float((train.digits == train.labels).float().mean()) if train.has_digits else math.nan
     select_key = SELECT_METRICS[t.select]
-    crossed_each_epoch = needs_crossed([select_key])
+    also_keys = {rule: SELECT_METRICS[rule] for rule in also_select if rule != t.select}
+    crossed_each_epoch = needs_crossed([select_key, *also_keys.values()])
     # An epoch's val scores are the run's result too when they hold what it needs (see Progress).
     epoch_scores_complete = crossed_each_epoch and monitor_tta(t.tta) == t.tta
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=True) if t.ema_decay else None
@@ -482,6 +499,9 @@ def fit(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = F
             progress.best_weights = plain_state_dict(eval_model)
             progress.best_scores = scores if epoch_scores_complete else None
             run.save_model(eval_model, cfg)
+        for rule, key in also_keys.items():
+            if evaluated:
+                progress.offer(rule, metrics.get(key, math.nan), epoch, eval_model)
         _checkpoint(run, trainer, ema, progress, cfg)
         bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{metrics.get('acc', math.nan):.1f}",
                         conflict=f"{metrics.get('conflicting_acc', math.nan):.1f}", ips=f"{record['images_per_s']:.0f}")
@@ -500,13 +520,17 @@ def _finish(run: Run, trainer: Trainer, progress: Progress, selection: SplitData
     if progress.best_weights is None:
         return result
     t = cfg.train
-    selected = CNN().to(trainer.rt.device)
-    selected.load_state_dict(progress.best_weights)
-    if trainer.rt.channels_last:
-        selected = selected.to(memory_format=torch.channels_last)
+    selected = _finished_model(trainer, progress.best_weights)
     if trainer.method.finish(selected):
         run.save_model(selected, cfg)
         progress.best_scores = None  # refit (DFR): scored anew
+    for rule, kept in progress.also.items():
+        if kept["epoch"] == progress.best_epoch:
+            result.also[rule] = (kept["epoch"], selected.eval())
+        else:
+            other = _finished_model(trainer, kept["weights"])
+            trainer.method.finish(other)
+            result.also[rule] = (kept["epoch"], other.eval())
     result.val_scores = progress.best_scores
     if result.val_scores is None:
         result.val_scores = score_split(selected, selection, trainer.rt, t.eval_batch_size, t.tta, cfg.geometry,
@@ -514,6 +538,12 @@ def _finish(run: Run, trainer: Trainer, progress: Progress, selection: SplitData
     result.best = {k: v for k, v in eval_metrics(result.val_scores).items() if k in METRICS}
     result.model = selected.eval()
     return result
+
+
+def _finished_model(trainer: Trainer, weights: dict[str, torch.Tensor]) -> CNN:
+    model = CNN().to(trainer.rt.device)
+    model.load_state_dict(weights)
+    return model.to(memory_format=torch.channels_last) if trainer.rt.channels_last else model
 
 
 def summarize(out: Path, history: list[dict[str, float]], best_epoch: int, rt: Runtime) -> TrainResult:

@@ -17,7 +17,7 @@ methods = ["erm", "groupdro"]
 reference = ["erm+shuffle"]
 settings = 2
 seeds = [0, 1]
-rules = ["worst_group"]
+rules = ["worst_group", "worst_class"]
 preset = "final"
 
 [search.train]
@@ -51,8 +51,18 @@ def test_two_processes_share_a_benchmark_and_a_part_merges(wide_dataset, tmp_pat
         done = [t.params["job"] for t in trials if t.state.name == "COMPLETE"]
         assert sorted(done) == [0, 1]  # every setting once, none twice
     seeds = optuna.load_study(study_name="benchmark-tiny-seeds", storage=storage).trials
-    done = [(t.params["row"], t.params["seed"]) for t in seeds if t.state.name == "COMPLETE"]
-    assert sorted(done) == sorted((r, s) for r in ("erm", "groupdro", "erm+shuffle") for s in (0, 1))
+    done = [(t.params["row"], rule, t.params["seed"]) for t in seeds if t.state.name == "COMPLETE"
+            for rule in t.params["rule"].split("+")]
+    # every (row, rule, seed) once; rules whose choices agree shared one training run
+    assert sorted(done) == sorted((r, u, s) for r in ("erm", "groupdro", "erm+shuffle")
+                                  for u in ("worst_group", "worst_class") for s in (0, 1))
+    chosen = json.loads((tmp_path / "out" / "chosen.json").read_text())["chosen"]
+    for t in seeds:
+        rules = t.params["rule"].split("+")
+        method = t.params["row"].removesuffix("+shuffle")
+        assert len({chosen[method][u]["setting"] for u in rules}) == 1  # a shared run has one setting
+    shared = json.loads((tmp_path / "out" / "runs" / "erm__worst_class__seed0.json").read_text())
+    assert shared["rule"] == "worst_class" and shared["epoch"] >= 1
 
     chosen = json.loads((tmp_path / "out" / "chosen.json").read_text())
     for method in ("erm", "groupdro"):
@@ -76,7 +86,7 @@ def test_two_processes_share_a_benchmark_and_a_part_merges(wide_dataset, tmp_pat
     table = (tmp_path / "out" / "benchmark.md").read_text()
     assert "| erm | worst_group | 3/3 |" in table and "`first`" in table and "`second`" in table
     runs = sorted(p.name for p in (tmp_path / "out" / "runs").glob("*.json"))
-    assert len(runs) == 9 and "erm__worst_group__seed2.json" in runs
+    assert len(runs) == 18 and "erm__worst_group__seed2.json" in runs
 
 
 @pytest.mark.parametrize("sets, message", [
@@ -142,3 +152,35 @@ def test_a_diverged_or_collapsed_seed_is_named_and_never_averaged_in():
     row = summary_rows(runs, spec)[0]
     assert row["not_converged"] == ["2 (diverged)", "3 (loss spiked)"] and row["seeds_done"] == 2
     assert row["acc_mean"] == 61.0  # the two seeds that trained
+
+
+def test_rules_that_choose_one_setting_share_a_seed_run():
+    from shortcut_study.benchmark import load_spec, seed_jobs
+
+    spec = load_spec(None, ["methods=erm,groupdro", "reference=erm+shuffle", "seeds=0,1"])
+    chosen = {"erm": {"worst_group": {"setting": 1}, "worst_class": {"setting": 1}},
+              "groupdro": {"worst_group": {"setting": 0}, "worst_class": {"setting": 2}}}
+    jobs = {(j["row"], j["rule"], j["seed"]) for j in seed_jobs(spec, list(spec.rows()), chosen)}
+    assert ("erm", "worst_group+worst_class", 0) in jobs and ("erm+shuffle", "worst_group+worst_class", 1) in jobs
+    assert ("groupdro", "worst_group", 0) in jobs and ("groupdro", "worst_class", 0) in jobs
+    assert len(jobs) == 2 * (1 + 2 + 1)  # erm, erm+shuffle shared; groupdro one run per rule
+
+
+def test_one_run_selects_an_epoch_per_rule(wide_dataset, tmp_path):
+    """`fit(also_select=...)`: each further rule keeps the epoch that scores best under it (the
+    first on a tie), with that epoch's model; the run's own rule is `train.select`'s."""
+    import math
+
+    from shortcut_study.config import make_config
+    from shortcut_study.train import fit
+
+    cfg = make_config("final", ["train.epochs=3", "train.batch_size=32", "train.eval_batch_size=64", "train.tta=none",
+                                "train.select=worst_group"])
+    result = fit(cfg, wide_dataset, tmp_path / "r", quiet=True, also_select=("worst_class",))
+    history = result.history
+    by_class = max(history, key=lambda h: (h["val_worst_class_acc"], -h["epoch"]))["epoch"]
+    by_group = max(history, key=lambda h: (h["val_worst_group_acc"], -h["epoch"]))["epoch"]
+    epoch, model = result.also["worst_class"]
+    assert epoch == by_class and result.best_epoch == by_group
+    assert (model is result.model) == (epoch == result.best_epoch)
+    assert all(math.isfinite(h["val_worst_class_acc"]) for h in history)

@@ -198,7 +198,7 @@ def test_jtt_epoch_is_the_training_set_plus_copies_of_the_error_set():
     logits = torch.nn.functional.one_hot(train.labels, 10).float() * 5
     logits[errors_at] = torch.nn.functional.one_hot((train.labels[errors_at] + 1) % 10, 10).float() * 5
     ours = _method("jtt", ["method.identify_epochs=2", "method.upweight=4", "train.epochs=6",
-                           "augment.digit_shuffle_p=1"], train, Slice(0, 10),
+                           "augment.digit_shuffle_p=1", "method.epoch=concatenated"], train, Slice(0, 10),
                    train_erm=train_erm, predict=lambda model, images: logits)
     ours.prepare()
     # process_training.py: wrong_1_times = (y_pred != y_true) of the ERM run's epoch-T outputs
@@ -209,6 +209,16 @@ def test_jtt_epoch_is_the_training_set_plus_copies_of_the_error_set():
     order = ours.epoch_order()
     assert sorted(order.tolist()) == sorted(reference) and ours.epoch_length() == len(reference)
     assert not torch.equal(order, torch.tensor(reference))  # shuffled, as the DataLoader's shuffle=True
+
+    # The default (every method's step budget, SubpopBench's protocol): N images a epoch, drawn
+    # without replacement from that concatenation.
+    ours.hp["epoch"] = "fixed"
+    fixed = torch.cat([ours.epoch_order() for _ in range(200)])
+    assert ours.epoch_length() == len(train) and len(fixed) == 200 * len(train)
+    assert set(fixed.tolist()) <= set(reference)
+    share = torch.isin(fixed, errors_at).float().mean().item()
+    expected = 4 * len(errors_at) / len(reference)  # an error-set image is 4 of the concatenation's entries
+    assert abs(share - expected) < 0.02
 
 
 # ---- DFR: PolinaKirichenko/deep_feature_reweighting dfr_evaluate_spurious.py ---------------------
