@@ -51,8 +51,11 @@ predict: $(VENV)
 evaluate: $(VENV)
 	$(SS) evaluate --predictions $(RUN_DIR)/q1_test.txt --labels $(DATA)/test_labels.csv
 
+# Two test processes (pytest-xdist; work-stealing, as the tests' lengths differ by 100x): many tests
+# wait on subprocesses, heartbeats and grace periods, so the other process's tests fill those waits.
+TEST_PROCS ?= 2
 test: $(VENV)
-	$(RUN) pytest -W ignore::DeprecationWarning
+	$(RUN) pytest -W ignore::DeprecationWarning -n $(TEST_PROCS) --dist worksteal
 
 bench: data
 	$(SS) bench --data $(DATA) --md results/bench.md --results results

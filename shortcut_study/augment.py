@@ -16,15 +16,18 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .config import NORM_MEAN, NORM_STD, AugmentConfig, GeometryConfig
+from .config import AugmentConfig, GeometryConfig
 
 Augmentation = Callable[[torch.Tensor, AugmentConfig, GeometryConfig], torch.Tensor]
 
 
-def normalize(images_u8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> (x/255 - mean) / std, as one fused multiply-add per channel."""
-    mean = torch.tensor(NORM_MEAN, device=images_u8.device, dtype=dtype).view(1, 3, 1, 1)
-    std = torch.tensor(NORM_STD, device=images_u8.device, dtype=dtype).view(1, 3, 1, 1)
+def normalize(images_u8: torch.Tensor, geom: GeometryConfig | None = None,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> (x/255 - mean) / std with the layout's statistics (default: the
+    handout's), as one fused multiply-add per channel."""
+    geom = geom or GeometryConfig()
+    mean = torch.tensor(geom.mean, device=images_u8.device, dtype=dtype).view(1, 3, 1, 1)
+    std = torch.tensor(geom.std, device=images_u8.device, dtype=dtype).view(1, 3, 1, 1)
     scale = 1.0 / (255.0 * std)
     return torch.addcmul(-mean / std, images_u8.to(dtype), scale)
 
@@ -142,7 +145,7 @@ ORDER = ("translate", "flip", "erase", "noise")
 def augment_batch(images_u8: torch.Tensor, digits: torch.Tensor, cfg: AugmentConfig,
                   geom: GeometryConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 batch on the device -> augmented, normalised float32 batch, and the digits it shows."""
-    x, digits = digit_shuffle(normalize(images_u8), digits, cfg, geom)
+    x, digits = digit_shuffle(normalize(images_u8, geom), digits, cfg, geom)
     for name in ORDER:
         x = AUGMENTATIONS[name](x, cfg, geom)
     return x, digits

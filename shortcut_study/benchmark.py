@@ -8,7 +8,8 @@ one training run on the *search* recipe, its epochs selected by worst-group val.
 the best worst-group val is the method's choice; beside it, the attribute-free rule picks by
 worst-class val. Then each (method, rule)'s chosen setting trains with every seed on the *final*
 recipe and is scored on the test set; the table gives every metric of `metrics.METRICS` as mean ±
-95 % interval over seeds. ERM + digit shuffle (ERM's choice, plus the intervention that knows where
+95 % interval over seeds. Rules that chose the same setting share one seed run, each rule taking
+the epoch it selects in it (`train.fit(also_select=...)`). ERM + digit shuffle (ERM's choice, plus the intervention that knows where
 the digit is) is a labelled reference row, not a competitor.
 
 Each method's settings are one Optuna study (`benchmark-NAME-METHOD`) and the seed runs another
@@ -483,6 +484,10 @@ def benchmark(opts: BenchmarkOptions) -> str:
                                   _seed_runner(opts, chosen, experiment_id, parent), worker, report, wait=True)
                 break
             if not _anything_running(studies):
+                # Another worker may have finished the last setting between the two looks: look again.
+                ready = [m for m in spec.methods if _search_complete(studies[m], spec.settings)]
+                if len(ready) == len(spec.methods):
+                    continue
                 failed = [m for m in spec.methods if m not in ready]
                 raise UserError(f"the search of {', '.join(failed)} did not finish: a setting failed (its error is in "
                                 "MLflow and above) — fix the cause and run the command again to retry it")

@@ -83,7 +83,8 @@ class Grid:
                 for s in self.seeds]
 
     @property
-    def search_space(self) -> dict[str, list[Any]]:
+    def cell_choices(self) -> dict[str, list[Any]]:
+        """Each cell parameter's values, as the cell sampler draws them."""
         return {"method": list(self.methods), "agreement": list(self.agreements),
                 "digit_size": list(self.digit_sizes), "seed": list(self.seeds)}
 
@@ -312,7 +313,7 @@ def open_comparison(opts: CompareOptions, create: bool = True) -> optuna.Study:
     fingerprint = json.loads(json.dumps(opts.grid.fingerprint()))  # as it reads back from storage
     # One seed for every process: the sampler shuffles the grid by it, and a trial's grid id must
     # name the same cell in every process.
-    sampler = CellSampler(opts.grid.search_space, seed=0)
+    sampler = CellSampler(opts.grid.cell_choices, seed=0)
     where = opts.storage or DEFAULT_STORAGE
     if not create:
         try:
@@ -383,7 +384,7 @@ def _cell_runner(opts: CompareOptions, experiment_id: str, parent: str):
     from .tracking import device_tag, git_commit, log_confusion, log_epoch, tracked_trial
     from .train import fit
 
-    space = opts.grid.search_space
+    space = opts.grid.cell_choices
 
     def run_cell(trial: optuna.Trial) -> float:
         cell = Cell(**{axis: trial.suggest_categorical(axis, choices) for axis, choices in space.items()})

@@ -59,7 +59,7 @@ def cell_table(study: optuna.Study, grid: Grid) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def summarize(cells: pd.DataFrame, seeds: int) -> pd.DataFrame:
+def seed_summary(cells: pd.DataFrame, seeds: int) -> pd.DataFrame:
     """Per (method, agreement, digit size): seeds finished of `seeds`, then mean / sd / 95 % interval
     of every metric over the finished seeds."""
     rows = []
@@ -200,7 +200,7 @@ def write_results(study: optuna.Study, grid: Grid, out: Path, parent: str | None
 
     out = require_writable(out, "folder")
     cells = cell_table(study, grid)
-    summary = summarize(cells, len(grid.seeds))
+    summary = seed_summary(cells, len(grid.seeds))
     table = summary_markdown(summary, grid, cells)
     recipe = ", ".join(f"{k}={v}" for k, v in grid.base_config().flat().items()
                        if k.startswith(("train.", "augment.")) and k not in ("train.method", "train.seed"))

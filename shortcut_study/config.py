@@ -28,9 +28,21 @@ CIFAR_CLASSES = (
 )  # fmt: skip
 NUM_CLASSES = 10
 NUM_DIGITS = 10  # values of the spurious attribute (the MNIST digit)
-# The handout's channel-wise normalisation constants (what the 40x40 course layout gives).
+# The handout's channel-wise normalisation constants (what the 40x40 course layout gives): the
+# default of `geometry.norm_mean` / `geometry.norm_std`.
 NORM_MEAN = (0.438, 0.435, 0.422)
 NORM_STD = (0.228, 0.225, 0.231)
+FROM_DATASET = "dataset"  # geometry.norm_*: the statistics `data build` recorded for the training split
+
+
+def _triple(text: str, name: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    _check(len(values) == 3 and all(math.isfinite(v) for v in values), name, text,
+           f"three comma-separated numbers (R,G,B), or '{FROM_DATASET}'")
+    return values  # type: ignore[return-value]
 
 
 def _shown(value: Any) -> str:
@@ -94,9 +106,27 @@ class GeometryConfig:
     digit_size: int = 16
     digit_top: int = 24
     digit_left: int = 24
+    # Channel-wise normalisation, (x / 255 - mean) / std, R,G,B: the handout's constants by default;
+    # `dataset` takes what `data build` measured on the training split (for another layout), and a
+    # run records the numbers it used.
+    norm_mean: str = ",".join(map(str, NORM_MEAN))
+    norm_std: str = ",".join(map(str, NORM_STD))
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return _triple(self.norm_mean, "geometry.norm_mean")
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return _triple(self.norm_std, "geometry.norm_std")
 
     def validate(self) -> None:
         _check(self.canvas >= 8, "geometry.canvas", self.canvas, ">= 8")
+        for name, text in (("geometry.norm_mean", self.norm_mean), ("geometry.norm_std", self.norm_std)):
+            if text != FROM_DATASET:
+                _triple(text, name)
+        if self.norm_std != FROM_DATASET:
+            _check(min(self.std) > 0, "geometry.norm_std", self.norm_std, "positive for every channel")
         _check(0 <= self.gray <= 255, "geometry.gray", self.gray, "in 0..255")
         for name, size, top, left in (
             ("cifar", self.cifar_size, self.cifar_top, self.cifar_left),

@@ -25,7 +25,7 @@ LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 
 @torch.no_grad()
 def class_activation_norms(model: nn.Module, split: SplitData, rt: Runtime, layers: tuple[str, ...] = ("conv1", "conv5"),
-                           batch_size: int = 512) -> dict[str, np.ndarray]:
+                           batch_size: int = 512, geom: GeometryConfig | None = None) -> dict[str, np.ndarray]:
     """For each layer, (10, channels): the L2 norm of each channel's raw conv output over (h, w),
     averaged over the images of each class (the handout's section 2.2)."""
     model.eval()
@@ -33,7 +33,7 @@ def class_activation_norms(model: nn.Module, split: SplitData, rt: Runtime, laye
     sums: dict[str, torch.Tensor] = {}
     counts = torch.zeros(NUM_CLASSES, dtype=torch.float64)
     for start in range(0, len(split), batch_size):
-        x = normalize(split.images[start:start + batch_size].to(rt.device))
+        x = normalize(split.images[start:start + batch_size].to(rt.device), geom)
         y = split.labels[start:start + batch_size]
         _, feats = model(x, intermediate_outputs=True)  # fp32: norms are summed over many images
         onehot = F.one_hot(y, NUM_CLASSES).double()
@@ -85,8 +85,9 @@ class ShortcutReport:
 
 
 @torch.no_grad()
-def _true_prob(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    logits = predict_logits(model, images, rt)
+def _true_prob(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, rt: Runtime,
+               geom: GeometryConfig | None = None) -> torch.Tensor:
+    logits = predict_logits(model, images, rt, geom=geom)
     return logits.softmax(1).gather(1, labels[:, None]).squeeze(1)
 
 
@@ -111,17 +112,17 @@ def shortcut_diagnostics(model: nn.Module, split: SplitData, rt: Runtime, geom: 
     preds = torch.from_numpy(scores.preds)
 
     def acc(x: torch.Tensor) -> float:
-        return float((predict_logits(model, x, rt).argmax(1) == labels).float().mean() * 100)
+        return float((predict_logits(model, x, rt, geom=geom).argmax(1) == labels).float().mean() * 100)
 
     swap_rate = follows = float("nan")
     if split.has_digits:
         swapped = with_donor_digits(images, torch.from_numpy(_different_digit_donors(digits.numpy(), rng)), geom)
-        swap_rate = float((predict_logits(model, swapped, rt).argmax(1) != preds).float().mean() * 100)
+        swap_rate = float((predict_logits(model, swapped, rt, geom=geom).argmax(1) != preds).float().mean() * 100)
         conflicting = digits != labels
         follows = float((preds[conflicting] == digits[conflicting]).float().mean() * 100) if conflicting.any() else float("nan")
 
-    base = _true_prob(model, images, labels, rt)
-    drops = {name: float((base - _true_prob(model, _with_patch(images, box, geom.gray), labels, rt)).clamp(min=0).mean())
+    base = _true_prob(model, images, labels, rt, geom)
+    drops = {name: float((base - _true_prob(model, _with_patch(images, box, geom.gray), labels, rt, geom)).clamp(min=0).mean())
              for name, box in quadrants(geom).items()}
     total = sum(drops.values()) or 1.0
 
@@ -134,7 +135,7 @@ def shortcut_diagnostics(model: nn.Module, split: SplitData, rt: Runtime, geom: 
     for top in range(0, canvas - occlusion_size + 1, stride):
         for left in range(0, canvas - occlusion_size + 1, stride):
             box = (slice(top, top + occlusion_size), slice(left, left + occlusion_size))
-            drop = float((sub_base - _true_prob(model, _with_patch(sub, box, geom.gray), sub_labels, rt)).mean())
+            drop = float((sub_base - _true_prob(model, _with_patch(sub, box, geom.gray), sub_labels, rt, geom)).mean())
             heat[box] += drop
             hits[box] += 1
     return ShortcutReport(

@@ -53,7 +53,7 @@ def predict_logits(model: nn.Module, images_u8: torch.Tensor, rt: Runtime, batch
     views = TTA[tta]
     out = []
     for start in range(0, len(images_u8), batch_size):
-        x = normalize(images_u8[start:start + batch_size].to(rt.device), dtype)
+        x = normalize(images_u8[start:start + batch_size].to(rt.device), geom, dtype)
         with rt.autocast():
             if len(views) == 1:
                 logits = net(rt.prepare(views[0](x, geom))).float()

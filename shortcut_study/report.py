@@ -364,7 +364,7 @@ def build_report(checkpoint: str | Path | None = None, data: str | Path = "data/
                 "blobs: the low-level features every class shares.")
         rep.add("conv1_filters_channels", chans, "The same filters per input channel.")
 
-        norms = class_activation_norms(model, val, rt, layers)
+        norms = class_activation_norms(model, val, rt, layers, geom=geom)
         sel = {layer: selectivity(n) for layer, n in norms.items()}
         for layer, n in norms.items():
             for i in range(n.shape[1]):

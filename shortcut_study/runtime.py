@@ -32,10 +32,21 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def default_threads() -> int:
+    """One thread per usable CPU, or fewer when `OMP_NUM_THREADS` says so (the convention torch and
+    OpenMP follow: e.g. a test runner that runs two test processes on two cores sets it to 1)."""
+    cpus = usable_cpus()
+    try:
+        asked = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return cpus
+    return min(asked, cpus) if asked > 0 else cpus
+
+
 def configure_threads(threads: int = 0) -> int:
-    """Intra-op threads for torch: `threads`, or with 0 one per usable CPU. Oversubscribing the
+    """Intra-op threads for torch: `threads`, or with 0 `default_threads()`. Oversubscribing the
     cores costs far more than it gains (2 threads beside another busy process: 535 -> 211 images/s)."""
-    n = threads if threads > 0 else usable_cpus()
+    n = threads if threads > 0 else default_threads()
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n

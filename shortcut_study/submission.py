@@ -18,7 +18,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .config import NORM_MEAN, NORM_STD, Config
+from .config import Config
 from .errors import UserError, require_dir
 from .outputs import replace_folder
 from .run import MODEL_FILE, Run
@@ -64,8 +64,8 @@ def recipe(cfg: Config) -> dict[str, object]:
 def code_files(cfg: Config) -> dict[str, str]:
     texts = {name: (TEMPLATES / name).read_text() for name in CODE_FILES if name != "model.py"}
     texts["model.py"] = model_source()
-    fill = {"data.py": [("MEAN = None  # filled in by shortcut-study submission", f"MEAN = {list(NORM_MEAN)}"),
-                        ("STD = None  # filled in by shortcut-study submission", f"STD = {list(NORM_STD)}")],
+    fill = {"data.py": [("MEAN = None  # filled in by shortcut-study submission", f"MEAN = {list(cfg.geometry.mean)}"),
+                        ("STD = None  # filled in by shortcut-study submission", f"STD = {list(cfg.geometry.std)}")],
             "q1.py": [("RECIPE = {}  # filled in by shortcut-study submission",
                        "RECIPE = " + _literal(recipe(cfg)) + "  # the submitted model's recipe")]}
     for name, pairs in fill.items():

@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from .augment import AUGMENTATIONS, augment_batch, digit_shuffle
 from .batch import Batch
-from .config import NORM_MEAN, NORM_STD, SELECT_METRICS, Config
-from .data.layout import SplitData, load_split
+from .config import SELECT_METRICS, Config
+from .data.layout import SplitData, load_split, with_recorded_normalization
 from .errors import UserError, require_writable
 from .crossed import can_cross
 from .evaluate import predict_logits, score_split
@@ -103,7 +103,7 @@ def reference_transform(cfg: Config):
     steps: list[Any] = [v2.ToImage()]
     if a.flip in ("image", "both") and a.flip_p > 0:
         steps.append(v2.RandomHorizontalFlip(a.flip_p))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(NORM_MEAN, NORM_STD)]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.geometry.mean, cfg.geometry.std)]
     if a.erase_p > 0:
         steps.append(v2.RandomErasing(p=a.erase_p, scale=(a.erase_scale_min, a.erase_scale_max), value=0))
     if a.noise_sigma > 0:
@@ -214,7 +214,7 @@ def model_factory(cfg: Config, train: SplitData, rt: Runtime) -> Callable[[], CN
     whitened: dict[str, torch.Tensor] = {}
     if cfg.train.init == "whiten":
         probe = CNN().to(rt.device)
-        whiten_conv(probe.conv1, train.images)
+        whiten_conv(probe.conv1, train.images, geom=cfg.geometry)
         whitened = {k: v.detach().clone() for k, v in probe.conv1.state_dict().items()}
 
     def make() -> CNN:
@@ -238,7 +238,7 @@ def build_trainer(cfg: Config, train: SplitData, rt: Runtime, data_dir: str | Pa
     hp = cfg.method if name == t.method else {k: p.default for k, p in METHODS[name].hparams.items()}
     ctx = TrainContext(cfg=cfg, train=train, rt=rt, data_dir=str(data_dir), new_model=new_model,
                        train_erm=lambda n, recipe: _train_plain(recipe, train, rt, data_dir, n, new_model),
-                       predict=lambda m, images: predict_logits(m, images, rt, t.eval_batch_size))
+                       predict=lambda m, images: predict_logits(m, images, rt, t.eval_batch_size, geom=cfg.geometry))
     m = METHODS[name](step_module(model, cfg), hp, ctx)
     opt = make_optimizer([*model.parameters(), *m.extra_parameters()], cfg)
     return Trainer(cfg, rt, train, model, m, opt, epochs or t.epochs, data_dir)
@@ -433,6 +433,7 @@ def fit(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = F
     `result.also` — one run serves every rule (the benchmark's), as SubpopBench's rules all read
     the checkpoints of one run."""
     run = Run(require_writable(out_dir, "folder"))
+    cfg = with_recorded_normalization(cfg, data_dir)
     cfg.validate()
     if resume:
         state = state if state is not None else run.load_last()
@@ -515,7 +516,7 @@ def _finish(run: Run, trainer: Trainer, progress: Progress, selection: SplitData
             agreement: float) -> TrainResult:
     """The selected model, after the method's last word (DFR's refit), scored once on the selection
     split with the run's full test-time views and the crossed val: the run's result."""
-    result = summarize(run.dir, progress.history, progress.best_epoch, trainer.rt)
+    result = result_of(run.dir, progress.history, progress.best_epoch, trainer.rt)
     result.cfg = cfg
     if progress.best_weights is None:
         return result
@@ -546,7 +547,7 @@ def _finished_model(trainer: Trainer, weights: dict[str, torch.Tensor]) -> CNN:
     return model.to(memory_format=torch.channels_last) if trainer.rt.channels_last else model
 
 
-def summarize(out: Path, history: list[dict[str, float]], best_epoch: int, rt: Runtime) -> TrainResult:
+def result_of(out: Path, history: list[dict[str, float]], best_epoch: int, rt: Runtime) -> TrainResult:
     best = next((h for h in history if h["epoch"] == best_epoch), history[-1] if history else {})
     secs = float(sum(h["train_seconds"] + h.get("prepare_seconds", 0.0) for h in history))
     ips = float(np.median([h["images_per_s"] for h in history])) if history else 0.0

@@ -10,9 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import normalize
+from .config import GeometryConfig
 
 
-def patch_covariance(images_u8: torch.Tensor, kernel: int, n_images: int = 1000, chunk: int = 250) -> torch.Tensor:
+def patch_covariance(images_u8: torch.Tensor, kernel: int, n_images: int = 1000, chunk: int = 250,
+                     geom: GeometryConfig | None = None) -> torch.Tensor:
     """The (uncentred) covariance of every `kernel` x `kernel` patch of `n_images` normalised images
     spread evenly over the split (files are class-sorted, so a prefix would hold few classes)."""
     pick = torch.linspace(0, len(images_u8) - 1, min(n_images, len(images_u8)), device=images_u8.device).long()
@@ -20,7 +22,7 @@ def patch_covariance(images_u8: torch.Tensor, kernel: int, n_images: int = 1000,
     cov = torch.zeros(dim, dim, dtype=torch.float64, device=images_u8.device)
     count = 0
     for start in range(0, len(pick), chunk):
-        x = normalize(images_u8[pick[start:start + chunk]])
+        x = normalize(images_u8[pick[start:start + chunk]], geom)
         cols = F.unfold(x, kernel).transpose(1, 2).reshape(-1, dim)  # (patches, dim)
         cov += (cols.T @ cols).double()
         count += cols.shape[0]
@@ -28,13 +30,13 @@ def patch_covariance(images_u8: torch.Tensor, kernel: int, n_images: int = 1000,
 
 
 @torch.no_grad()
-def whiten_conv(conv: nn.Conv2d, images_u8: torch.Tensor, eps: float = 5e-4) -> None:
+def whiten_conv(conv: nn.Conv2d, images_u8: torch.Tensor, eps: float = 5e-4, geom: GeometryConfig | None = None) -> None:
     """Set `conv`'s weights to the top out_channels/2 whitening filters of its input patches and
     their negatives, and its bias to 0 (a batch norm follows)."""
     out_ch, in_ch, kh, kw = conv.weight.shape
     if kh != kw or out_ch < 2:
         raise ValueError(f"whitening needs a square kernel and >= 2 filters, got {tuple(conv.weight.shape)}")
-    eigenvalues, eigenvectors = torch.linalg.eigh(patch_covariance(images_u8, kh))
+    eigenvalues, eigenvectors = torch.linalg.eigh(patch_covariance(images_u8, kh, geom=geom))
     top = torch.arange(len(eigenvalues) - 1, len(eigenvalues) - 1 - out_ch // 2, -1)
     filters = (eigenvectors[:, top] / torch.sqrt(eigenvalues[top] + eps)).T.reshape(-1, in_ch, kh, kw)
     signed = torch.cat([filters, -filters])

@@ -8,6 +8,13 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+# `make test` runs two test processes (pytest-xdist) on these two-core machines: each gets its share
+# of the cores as torch threads (`runtime.default_threads` reads OMP_NUM_THREADS), and so do the
+# commands a test starts — two processes of two threads each would oversubscribe the cores.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0))
+                                                     // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -76,6 +83,14 @@ def make_tar(tree: Path, out: Path) -> Path:
     with tarfile.open(out, "w:gz") as tar:
         tar.add(tree, arcname=tree.name)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _in_own_folder(tmp_path_factory, monkeypatch):
+    """Every test runs in a folder of its own, beside its tmp_path (which tests inspect whole): the
+    commands write `./studies` (run folders, locks) relative to the working directory, and two test
+    processes run side by side (`make test`)."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 @pytest.fixture(scope="session")

@@ -5,11 +5,14 @@ measured separately (another storage, another seed) merges into the same table."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import optuna
 import pytest
 
 from shortcut_study.cli import main
+
+DEFAULT_SPEC = Path(__file__).resolve().parents[1] / "experiments" / "benchmark.toml"
 
 SPEC = """
 name = "tiny"
@@ -141,7 +144,7 @@ def test_a_strength_grid_trains_each_method_with_the_benchmarks_choice(tmp_path)
 def test_a_diverged_or_collapsed_seed_is_named_and_never_averaged_in():
     from shortcut_study.benchmark import load_spec, summary_rows
 
-    spec = load_spec(None, ["methods=erm", "reference=", "seeds=0,1,2,3", "rules=worst_group"])
+    spec = load_spec(DEFAULT_SPEC, ["methods=erm", "reference=", "seeds=0,1,2,3", "rules=worst_group"])
 
     def run(seed, acc, first=2.3, last=1.0, peak=None):
         return {"row": "erm", "rule": "worst_group", "seed": seed, "part": "p", "params": {}, "setting": 0,
@@ -157,7 +160,7 @@ def test_a_diverged_or_collapsed_seed_is_named_and_never_averaged_in():
 def test_rules_that_choose_one_setting_share_a_seed_run():
     from shortcut_study.benchmark import load_spec, seed_jobs
 
-    spec = load_spec(None, ["methods=erm,groupdro", "reference=erm+shuffle", "seeds=0,1"])
+    spec = load_spec(DEFAULT_SPEC, ["methods=erm,groupdro", "reference=erm+shuffle", "seeds=0,1"])
     chosen = {"erm": {"worst_group": {"setting": 1}, "worst_class": {"setting": 1}},
               "groupdro": {"worst_group": {"setting": 0}, "worst_class": {"setting": 2}}}
     jobs = {(j["row"], j["rule"], j["seed"]) for j in seed_jobs(spec, list(spec.rows()), chosen)}

@@ -125,7 +125,7 @@ def test_aggregation_shows_missing_cells_as_missing(tmp_path):
     study = optuna.create_study(study_name="compare-tiny", storage=f"sqlite:///{tmp_path}/o.db", direction="maximize")
     from optuna.distributions import CategoricalDistribution
 
-    dists = {k: CategoricalDistribution(v) for k, v in grid.search_space.items()}
+    dists = {k: CategoricalDistribution(v) for k, v in grid.cell_choices.items()}
     for seed, acc in ((0, 50.0), (1, 54.0), (2, 52.0)):  # one (method, agreement, size) with all seeds
         study.add_trial(optuna.trial.create_trial(
             params={"method": "erm", "agreement": 0.9, "digit_size": 16, "seed": seed}, distributions=dists, value=acc,

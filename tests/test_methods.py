@@ -168,10 +168,16 @@ def test_a_run_is_predicted_and_diagnosed_on_its_own_geometry(sources, tmp_path)
     assert main(["data", "build", "--cifar", str(sources["cifar_tgz"]), "--mnist", str(sources["mnist_tgz"]),
                  "--out", str(data), *TINY_BUILD, *geometry]) == 0
     run = tmp_path / "run"
-    assert main(["train", "--data", str(data), "--out", str(run), "--epochs", "1", *geometry,
+    own_stats = ["--set", "geometry.norm_mean=dataset", "--set", "geometry.norm_std=dataset"]
+    assert main(["train", "--data", str(data), "--out", str(run), "--epochs", "1", *geometry, *own_stats,
                  *sum((["--set", s] for s in TINY), [])]) == 0
     cfg = Run(run).config()
     assert cfg.geometry.digit_size == 12 and cfg.geometry.digit_top == 28
+    # normalised with this layout's own statistics, measured on its training split at build time;
+    # the run records the numbers, so predict and report use them too
+    recorded = json.loads((data / "normalization.json").read_text())
+    assert recorded["images"] == 120 and cfg.geometry.mean == tuple(recorded["mean"])
+    assert cfg.geometry.std == tuple(recorded["std"]) and cfg.geometry.mean != make_config().geometry.mean
 
     # predict uses the run's boxes: a model that reads only the 12-px digit box sees what predict feeds it
     seen = []
@@ -194,7 +200,7 @@ def test_a_run_is_predicted_and_diagnosed_on_its_own_geometry(sources, tmp_path)
     finally:
         evaluate.predict_logits = real
         diagnostics.predict_logits = real
-    assert seen and all(g is None or g.digit_size == 12 for g in seen)
+    assert seen and all(g is None or (g.digit_size == 12 and g.mean == cfg.geometry.mean) for g in seen)
     assert any(g is not None and g.digit_box == (slice(28, 40), slice(28, 40)) for g in seen)
     # annotate reads the digit where this layout has it
     copy = tmp_path / "d12-copy"
@@ -205,6 +211,9 @@ def test_a_run_is_predicted_and_diagnosed_on_its_own_geometry(sources, tmp_path)
 
     assert len(pd.read_csv(copy / "metadata.csv")) == 190
     assert main(["data", "annotate", str(copy), "--force", "--set", "train.lr=0.1"]) == 2
+    (copy / "normalization.json").unlink()  # a dataset without recorded statistics: one error line
+    assert main(["train", "--data", str(copy), "--out", str(tmp_path / "run2"), "--epochs", "1", *geometry,
+                 *own_stats, *sum((["--set", s] for s in TINY), [])]) == 2
 
 
 def test_torn_config_is_detected(trained_run, tmp_path, capsys):

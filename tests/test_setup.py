@@ -28,10 +28,15 @@ def test_cli_runs_outside_the_checkout_with_stores_in_the_working_directory(data
     assert (tmp_path / "studies" / "optuna.db").is_file() and (tmp_path / "mlruns" / "mlflow.db").is_file()
 
 
-def test_threads_follow_the_usable_cpus_and_the_knob():
+def test_threads_follow_the_usable_cpus_and_the_knob(monkeypatch):
     before = torch.get_num_threads()
     try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         assert configure_threads(0) == usable_cpus() == torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the OpenMP convention, e.g. two test processes on two cores
+        assert configure_threads(0) == 1 == torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "lots")
+        assert configure_threads(0) == usable_cpus()
         assert configure_threads(1) == 1 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)

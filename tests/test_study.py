@@ -23,7 +23,6 @@ from shortcut_study.tracking import init_tracking
 
 from .conftest import kill_once_training
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ("train.batch_size=32", "train.eval_batch_size=64", "train.tta=flip")
 
 
@@ -100,7 +99,7 @@ def test_three_workers_run_exactly_n_distinct_trials(dataset, tmp_path, backend)
     init_tracking(tracking, "t")  # create the MLflow database once, before the workers start
     cmd = _cli("sweep", "--data", str(dataset), "--study", "t", "--n-trials", "5", "--epochs", "1", "--subset", "0",
                "--storage", storage, "--tracking-uri", tracking, *sum((["--set", s] for s in TINY), []))
-    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err
@@ -120,7 +119,7 @@ def test_killed_sweep_resumes_and_marks_the_trial_failed(dataset, tmp_path, back
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     common = ["--data", str(dataset), "--study", "t", "--subset", "0", "--storage", storage,
               "--tracking-uri", tracking, "--heartbeat", "1", "--grace", "3", *sum((["--set", s] for s in TINY), [])]
-    kill_once_training(_cli("sweep", "--n-trials", "1", "--epochs", "400", *common), storage, REPO)
+    kill_once_training(_cli("sweep", "--n-trials", "1", "--epochs", "400", *common), storage, Path.cwd())
     assert main(["sweep", "--n-trials", "2", "--epochs", "1", *common]) == 0  # waits out the grace period
     trials = optuna.load_study(study_name="t", storage=open_storage(storage)).trials
     assert trials[0].state == TrialState.FAIL and trials[-1].state == TrialState.COMPLETE
@@ -265,7 +264,7 @@ def _fault_common(dataset, tmp_path, storage: str) -> list[str]:
 def _killed_at(point: str, argv: list[str]) -> None:
     import os
 
-    done = subprocess.run(_cli(*argv), cwd=REPO, env={**os.environ, "SHORTCUT_STUDY_FAULT": point},
+    done = subprocess.run(_cli(*argv), cwd=Path.cwd(), env={**os.environ, "SHORTCUT_STUDY_FAULT": point},
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == -9, done.stderr[-2000:]  # died at the point, as a killed machine would
 

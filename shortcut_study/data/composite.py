@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ..config import CIFAR_CLASSES, NORM_MEAN, NORM_STD, BuildConfig, GeometryConfig
 from ..errors import UserError, require_writable, write_error
 from ..outputs import replace_folder
-from .layout import METADATA, TEST_LABELS, write_cache
+from .layout import METADATA, NORMALIZATION, TEST_LABELS, write_cache, write_normalization
 from .sources import CIFAR, MNIST, SourceSplit, load_source
 
 METADATA_COLUMNS = ["split", "file", "label", "digit", "aligned", "cifar_index", "mnist_index"]
@@ -147,7 +147,8 @@ def summary_table(splits: list[BuiltSplit]) -> str:
                     f"{mean[0]:.3f} {mean[1]:.3f} {mean[2]:.3f}    {std[0]:.3f} {std[1]:.3f} {std[2]:.3f}")
     m, sd = NORM_MEAN, NORM_STD
     rows.append(f"handout constants               {m[0]:.3f} {m[1]:.3f} {m[2]:.3f}    "
-                f"{sd[0]:.3f} {sd[1]:.3f} {sd[2]:.3f}")
+                f"{sd[0]:.3f} {sd[1]:.3f} {sd[2]:.3f}   (geometry.norm_*; `dataset` uses train's, "
+                f"recorded in {NORMALIZATION})")
     return "\n".join(rows)
 
 
@@ -177,6 +178,8 @@ def _write_dataset(root: Path, splits: list, quiet: bool) -> None:
     for s in splits:
         labels = s.labels if s.name != "test" else np.full(len(s.labels), -1)
         write_cache(root, s.name, s.images, list(zip(s.files, labels.tolist())))
+        if s.name == "train":
+            write_normalization(root, *channel_stats(s.images), images=len(s.labels))
 
 
 def build_dataset(cifar_src: str | Path, mnist_src: str | Path, out: str | Path, build: BuildConfig,

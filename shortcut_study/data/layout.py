@@ -19,13 +19,15 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..config import CIFAR_CLASSES
+from ..config import CIFAR_CLASSES, FROM_DATASET, Config
 from ..errors import UserError, atomic_path, read_json, require_dir
 from .sources import CIFAR, class_index
 
 SPLITS = ("train", "val", "test")
 TEST_DIRS = ("test_unlabeled", "test")
 METADATA = "metadata.csv"
+# The training split's channel statistics, as `data build` measured them (`geometry.norm_* = dataset`).
+NORMALIZATION = "normalization.json"
 TEST_LABELS = "test_labels.csv"
 CACHE_DIR = "cache"
 
@@ -252,3 +254,33 @@ def load_split(data_dir: str | Path, split: str, size: int | None = 40) -> Split
 
 def class_name(label: int) -> str:
     return CIFAR_CLASSES[label]
+
+
+def write_normalization(root: Path, mean: np.ndarray, std: np.ndarray, images: int) -> None:
+    """Record the training split's per-channel mean and std (of x / 255) with the dataset."""
+    text = json.dumps({"split": "train", "images": images, "mean": [round(float(v), 4) for v in mean],
+                       "std": [round(float(v), 4) for v in std]}, indent=2) + "\n"
+    (Path(root) / NORMALIZATION).write_text(text)
+
+
+def with_recorded_normalization(cfg: Config, data_dir: str | Path) -> Config:
+    """`cfg` with `geometry.norm_mean` / `norm_std` = `dataset` replaced by the numbers the dataset
+    recorded, so the run's saved config holds the statistics it trained with."""
+    import dataclasses
+
+    g = cfg.geometry
+    if FROM_DATASET not in (g.norm_mean, g.norm_std):
+        return cfg
+    path = Path(data_dir) / NORMALIZATION
+    if not path.is_file():
+        raise UserError(f"geometry.norm_mean/norm_std={FROM_DATASET} but {path} is missing (a dataset built before it was "
+                        "recorded, or not by `data build`): rebuild the dataset or give the numbers, e.g. "
+                        "--set geometry.norm_mean=0.44,0.43,0.42")
+    stats = read_json(path, "normalization statistics", "rebuild the dataset")
+    try:
+        mean, std = (",".join(str(float(v)) for v in stats[k]) for k in ("mean", "std"))
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path} does not hold mean and std lists: rebuild the dataset") from None
+    geometry = dataclasses.replace(g, norm_mean=mean if g.norm_mean == FROM_DATASET else g.norm_mean,
+                                   norm_std=std if g.norm_std == FROM_DATASET else g.norm_std)
+    return dataclasses.replace(cfg, geometry=geometry)
