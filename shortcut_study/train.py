@@ -339,13 +339,11 @@ class Progress:
     # Further selection rules (`fit(also_select=...)`): rule -> {"score", "epoch", "weights"}.
     also: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def offer(self, rule: str, score: float, epoch: int, model: nn.Module) -> bool:
+    def offer(self, rule: str, score: float, epoch: int, model: nn.Module) -> None:
         """Keep `model` as `rule`'s selection if it scores better than the one kept (or none is)."""
         kept = self.also.get(rule)
-        if kept is not None and not (score > kept["score"] or math.isnan(kept["score"])):
-            return False
-        self.also[rule] = {"score": score, "epoch": epoch, "weights": plain_state_dict(model)}
-        return True
+        if kept is None or score > kept["score"] or math.isnan(kept["score"]):
+            self.also[rule] = {"score": score, "epoch": epoch, "weights": plain_state_dict(model)}
 
 
 def _restore(trainer: Trainer, ema: AveragedModel | None, state: dict[str, Any], run: Run) -> Progress:
@@ -500,8 +498,8 @@ def fit(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = F
             progress.best_weights = plain_state_dict(eval_model)
             progress.best_scores = scores if epoch_scores_complete else None
             run.save_model(eval_model, cfg)
-        for rule, key in also_keys.items():
-            if evaluated:
+        if evaluated:
+            for rule, key in also_keys.items():
                 progress.offer(rule, metrics.get(key, math.nan), epoch, eval_model)
         _checkpoint(run, trainer, ema, progress, cfg)
         bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{metrics.get('acc', math.nan):.1f}",

@@ -139,10 +139,10 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(dim=(0, 2, 3)).numpy(), x.std(dim=(0, 2, 3)).numpy()
 
 
-def summary_table(splits: list[BuiltSplit]) -> str:
+def summary_table(splits: list[BuiltSplit], stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
     rows = ["split   images  agreement  mean (R,G,B)           std (R,G,B)"]
     for s in splits:
-        mean, std = channel_stats(s.images)
+        mean, std = stats[s.name]
         rows.append(f"{s.name:<6} {len(s.labels):>7}  {np.mean(s.digits == s.labels):>8.1%}  "
                     f"{mean[0]:.3f} {mean[1]:.3f} {mean[2]:.3f}    {std[0]:.3f} {std[1]:.3f} {std[2]:.3f}")
     m, sd = NORM_MEAN, NORM_STD
@@ -157,7 +157,7 @@ def _looks_built(path: Path) -> bool:
     return meta.is_file() and meta.open().readline().strip() == ",".join(METADATA_COLUMNS)
 
 
-def _write_dataset(root: Path, splits: list, quiet: bool) -> None:
+def _write_dataset(root: Path, splits: list, stats: dict[str, tuple[np.ndarray, np.ndarray]], quiet: bool) -> None:
     """Every file of a dataset into the (empty) folder `root`."""
     total = sum(len(s.files) for s in splits)
     with tqdm(total=total, desc="writing composites", unit="img", disable=quiet) as progress:
@@ -179,7 +179,7 @@ def _write_dataset(root: Path, splits: list, quiet: bool) -> None:
         labels = s.labels if s.name != "test" else np.full(len(s.labels), -1)
         write_cache(root, s.name, s.images, list(zip(s.files, labels.tolist())))
         if s.name == "train":
-            write_normalization(root, *channel_stats(s.images), images=len(s.labels))
+            write_normalization(root, *stats["train"], images=len(s.labels))
 
 
 def build_dataset(cifar_src: str | Path, mnist_src: str | Path, out: str | Path, build: BuildConfig,
@@ -196,12 +196,14 @@ def build_dataset(cifar_src: str | Path, mnist_src: str | Path, out: str | Path,
     cifar = load_source(cifar_src, CIFAR, download)
     mnist = load_source(mnist_src, MNIST, download)
     splits = build_splits(cifar, mnist, build, geom)
+    # Measured once per split: the summary prints them, and train's are recorded with the dataset.
+    stats = {s.name: channel_stats(s.images) for s in splits}
 
     # Staged whole beside `out` and swapped in (outputs.replace_folder): a Ctrl-C or a full disk leaves
     # the old dataset or the new one, never neither and never a mixture; no path is followed.
     try:
         with replace_folder(out) as partial:
-            _write_dataset(partial, splits, quiet)
+            _write_dataset(partial, splits, stats, quiet)
     except OSError as exc:
         raise write_error(out, exc) from None
-    return summary_table(splits)
+    return summary_table(splits, stats)
