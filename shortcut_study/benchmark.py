@@ -28,10 +28,8 @@ files alone and says which parts it holds and where each ran.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import math
-import socket
 import time
 import tomllib
 import zlib
@@ -42,13 +40,14 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from .config import SELECT_METRICS, Config, Param, make_config
+from .config import SELECT_METRICS, Config, Param, fingerprint_differences, make_config
 from .errors import UserError, atomic_path, read_json, require_writable, write_text_atomic
 from .metrics import METRICS, seed_interval
+from .parts import default_part_name, losses_of, not_converged, part_lines, read_records, write_record
 from .registry import METHODS
 from .storage import DEFAULT_STORAGE, STUDIES, ClaimLock, open_storage
 from .study import SEARCH_SPACE
-from .trials import WorkerSettings, creator_attr, ensure_parent_run, next_listed, run_shared_trials
+from .trials import WorkerSettings, ensure_parent_run, next_listed, run_shared_trials, shared_study
 
 # Every method's shared dimensions, as the sweep declares them.
 SHARED_SPACE: dict[str, Param] = {k: SEARCH_SPACE[k] for k in ("train.lr", "train.weight_decay")}
@@ -225,24 +224,16 @@ class BenchmarkOptions:
 
     @property
     def part_name(self) -> str:
-        return self.part or f"{socket.gethostname()}-{dt.date.today():%Y%m%d}"
+        return self.part or default_part_name()
 
 
 def _open(opts: BenchmarkOptions, what: str) -> optuna.Study:
     """A study of the benchmark, made by the first process; refused if the storage holds one of
     this name made for another benchmark (methods, settings, rules or recipes)."""
-    storage, name = open_storage(opts.storage), opts.study_name(what)
-    fingerprint = json.loads(json.dumps(opts.spec.fingerprint()))
-    try:
-        study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
-        study.set_user_attr("benchmark", fingerprint)
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=name, storage=storage)
-    stored = creator_attr(study, "benchmark")
-    if stored != fingerprint:
-        differs = sorted(k for k in set(fingerprint) | set(stored or {}) if (stored or {}).get(k) != fingerprint.get(k))
+    study, differs = shared_study(open_storage(opts.storage), opts.study_name(what), "benchmark", opts.spec.fingerprint())
+    if differs:
         raise UserError(f"{opts.storage or DEFAULT_STORAGE} already holds benchmark {opts.spec.name!r} with another "
-                        f"budget or recipe (differs in {', '.join(differs)}) — give it another name (--set name=…)")
+                        f"budget or recipe (differs in {', '.join(differs)[:200]}) — give it another name (--set name=…)")
     return study
 
 
@@ -300,19 +291,16 @@ def run_file(out: Path, row: str, rule: str, seed: int) -> Path:
     return out / RUNS_DIR / f"{row}__{rule}__seed{seed}.json"
 
 
-def read_benchmark_file(path: Path, what: str) -> dict[str, Any]:
-    return read_json(path, what, "remove it, or rerun the part that wrote it")
-
-
 def load_chosen(opts: BenchmarkOptions) -> dict[str, Any] | None:
     """The settings chosen by an earlier part, if it searched the same benchmark."""
     path = opts.out / CHOSEN_FILE
     if not path.is_file():
         return None
-    tree = read_benchmark_file(path, "benchmark choice")
-    if tree.get("fingerprint") != json.loads(json.dumps(opts.spec.fingerprint())):
-        raise UserError(f"{path} was written by another benchmark (budget or recipe differ) — give another --out or "
-                        "remove it to search again")
+    tree = read_json(path, "benchmark choice", "remove it, or rerun the part that wrote it")
+    differs = fingerprint_differences(tree.get("fingerprint") or {}, json.loads(json.dumps(opts.spec.fingerprint())))
+    if differs:
+        raise UserError(f"{path} was written by another benchmark (differs in {', '.join(differs)[:200]}) — give "
+                        "another --out or remove it to search again")
     return tree
 
 
@@ -381,11 +369,10 @@ def _seed_runner(opts: BenchmarkOptions, chosen: dict[str, Any], experiment_id: 
             result = fit(cfg, opts.data, run_dir, on_epoch=lambda epoch, record: log_epoch(record), quiet=True,
                          also_select=tuple(rules[1:]))
             selected = {rules[0]: (result.best_epoch, result.model), **result.also}
-            losses = [h["train_loss"] for h in result.history]
             common = {"row": row, "seed": seed, "part": opts.part_name, "machine": machine, "commit": git_commit(),
                       "params": params, "setting": chosen[method][rules[0]]["setting"], "shared_run": joined,
                       "val": {k: v for k, v in result.best.items() if k in METRICS},
-                      "train_loss_first": losses[0], "train_loss_last": losses[-1], "train_loss_max": max(losses),
+                      **losses_of(result.history),
                       "epochs": cfg.train.epochs,
                       "images": sum(h["images_per_s"] * h["train_seconds"] for h in result.history),
                       "train_seconds": result.train_seconds, "started": started}
@@ -400,7 +387,7 @@ def _seed_runner(opts: BenchmarkOptions, chosen: dict[str, Any], experiment_id: 
                                     "test split")
                 record = {**common, "rule": rule, "epoch": epoch, "test": {k: v for k, v in test.items() if k in METRICS},
                           "ended": time.time()}
-                write_text_atomic(run_file(opts.out, row, rule, seed), json.dumps(record, indent=2, sort_keys=True) + "\n")
+                write_record(run_file(opts.out, row, rule, seed), record)
                 mlflow.log_metrics({f"test_{rule}_{k}": v for k, v in record["test"].items() if math.isfinite(v)})
             return float(scored[selected[rules[0]][0]].get(SELECT_METRICS[rules[0]], math.nan))
 
@@ -504,18 +491,7 @@ def _anything_running(studies: dict[str, optuna.Study]) -> bool:
 # ---- the table, from the files alone ---------------------------------------------------------------------
 
 def read_runs(out: Path) -> list[dict[str, Any]]:
-    return [read_benchmark_file(p, "benchmark run") for p in sorted((out / RUNS_DIR).glob("*.json"))]
-
-
-def failure(run: dict[str, Any]) -> str | None:
-    """Why a seed run is a recipe defect rather than a data point, or None: its training loss ended
-    above its first epoch's, or rose above it on the way (a spike it may have come back from with
-    the model at chance: a loss that ends lower says nothing about the epochs between)."""
-    if run["train_loss_last"] > run["train_loss_first"]:
-        return "diverged"
-    if run.get("train_loss_max", -math.inf) > run["train_loss_first"]:
-        return "loss spiked"
-    return None
+    return read_records(out / RUNS_DIR, "benchmark run")
 
 
 def summary_rows(runs: list[dict[str, Any]], spec: BenchmarkSpec) -> list[dict[str, Any]]:
@@ -525,7 +501,7 @@ def summary_rows(runs: list[dict[str, Any]], spec: BenchmarkSpec) -> list[dict[s
     for row in spec.rows():
         for rule in spec.rules:
             mine = [r for r in runs if r["row"] == row and r["rule"] == rule and r["seed"] in spec.seeds]
-            failed = {r["seed"]: why for r in mine if (why := failure(r))}
+            failed = {r["seed"]: why for r in mine if (why := not_converged(r))}
             out: dict[str, Any] = {"method": row, "rule": rule, "seeds_done": len(mine) - len(failed),
                                    "seeds": len(spec.seeds), "params": mine[0]["params"] if mine else {},
                                    "setting": mine[0]["setting"] if mine else None,
@@ -566,16 +542,6 @@ def aggregate(out: Path, spec: BenchmarkSpec) -> str:
                      + " | ".join(_cell(r, k) for k in keys)
                      + f" | {r['setting'] if r['setting'] is not None else '–'}: {params} | "
                      f"{', '.join(map(str, r['not_converged'])) or '–'} |")
-    parts = {}
-    for r in runs:
-        p = parts.setdefault(r["part"], {"machine": r["machine"], "runs": 0, "seconds": 0.0, "start": r["started"],
-                                         "end": r["ended"], "commit": r["commit"]})
-        p["runs"] += 1
-        p["seconds"] += r["train_seconds"]
-        p["start"], p["end"] = min(p["start"], r["started"]), max(p["end"], r["ended"])
-    part_lines = [f"- `{name}` ({p['runs']} seed runs, commit {p['commit']}, {(p['end'] - p['start']) / 60:.1f} min of wall "
-                  f"time from its first seed run's start to its last one's end, {p['seconds'] / 60:.1f} min of training): "
-                  f"{p['machine']}" for name, p in sorted(parts.items())]
     budget = (f"{spec.settings} settings per method on the search recipe (epochs selected by worst-group val), then "
               f"seeds {', '.join(map(str, spec.seeds))} of each chosen setting on the final recipe; rules: "
               f"{', '.join(spec.rules)}")
@@ -590,7 +556,7 @@ def aggregate(out: Path, spec: BenchmarkSpec) -> str:
         "rose above it on the way (loss spiked): a recipe defect, never averaged in.", "",
         f"Budget: {budget}. Search recipe: preset `{spec.preset}`, {search.epochs} epochs, "
         f"{search.subset or 'all'} training images. Final recipe: {final.epochs} epochs, {final.subset or 'all'} images.",
-        "", *lines, "", "Parts:", *(part_lines or ["- none yet"]), ""])
+        "", *lines, "", "Parts:", *part_lines(runs, "seed runs"), ""])
     write_text_atomic(out / "benchmark.md", text)
     return text
 

@@ -113,7 +113,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     opts = CompareOptions(grid=load_grid(args.grid, args.set), cifar=args.cifar, mnist=args.mnist,
                           download=args.download, data_root=Path(args.data_root), storage=args.storage,
                           tracking_uri=args.tracking_uri, out=Path(args.out), timeout=args.timeout or None,
-                          heartbeat=args.heartbeat, grace=args.grace)
+                          heartbeat=args.heartbeat, grace=args.grace, part=args.part)
     if args.aggregate:
         print(aggregate(opts))
         return
@@ -226,6 +226,12 @@ def _add_worker_args(p: argparse.ArgumentParser, unit: str, shared: str) -> None
                    "to its share of the cores (other hosts join with the same command and --storage)")
 
 
+def _add_part_args(p: argparse.ArgumentParser, records: str) -> None:
+    """Options of a study measured in parts (parts.py): naming this one, or only aggregating."""
+    p.add_argument("--part", default="", help="name of what this command measures (default: host and date)")
+    p.add_argument("--aggregate", action="store_true", help=f"only write the tables from {records}")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's exit code 2, but one `error:` line naming the flag instead of a usage block."""
 
@@ -312,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/compare", help="folder for the tables and plots")
     p.add_argument("--timeout", type=float, default=0, help="seconds after which no new cell starts; 0 = none")
     _add_worker_args(p, "cell", "grid")
-    p.add_argument("--aggregate", action="store_true", help="only write the tables and plots of the finished cells")
+    _add_part_args(p, "the cell records beside --out (OUT-cells/, every part's)")
     _add_set_arg(p, "seeds=0,1 (an axis), name=mine, or train.epochs=2 (the recipe)")
     p.set_defaults(func=cmd_compare)
 
@@ -323,10 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="Optuna storage shared by every process (default: the sweep's)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db)")
     p.add_argument("--out", default="results/benchmark", help="folder for chosen.json, runs/ and the table")
-    p.add_argument("--part", default="", help="name of what this command measures (default: host and date)")
     p.add_argument("--timeout", type=float, default=0, help="seconds after which no new run starts; 0 = none")
     _add_worker_args(p, "run", "benchmark")
-    p.add_argument("--aggregate", action="store_true", help="only write the table from the run files in --out")
+    _add_part_args(p, "the run files in --out (every part's)")
     _add_set_arg(p, "seeds=0 (a part), settings=2, or train.epochs=2 (both recipes)")
     p.set_defaults(func=cmd_benchmark)
 

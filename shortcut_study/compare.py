@@ -8,9 +8,18 @@ run by the sweep's worker loop (`trials.py`): several `compare` processes — on
 share the grid, a killed cell is failed by its heartbeat and run again, a finished cell never is.
 Each cell is an MLflow child run under one parent run of the comparison.
 
-Aggregation reads the study: per (method, agreement, digit size), mean, standard deviation and a
-95 % Student-t interval over seeds of every test metric of the metric table (`metrics.py`); cells
-not finished are shown as missing, never as zero.
+A post-hoc method (DFR) in a grid that also trains ERM is not trained again: the ERM cell of the
+same agreement, digit size and seed refits its model's last layer (`train.finish_trained`, DFR's
+paper protocol on its base ERM model) and records that cell too.
+
+Each finished cell also leaves a record in the grid's cell folder (`results/compare-cells/` beside
+`results/compare/`; `parts.py`): its test metrics, losses, times, and the part and machine that ran
+it. The tables are aggregated from those records, so a grid measured in parts (some seeds today,
+the rest on another machine, `--part NAME`) merges into one table from the committed files; the
+storage adds only which cells are running or failed. Per (method, agreement, digit size): mean,
+standard deviation and a 95 % Student-t interval over seeds of every test metric of the metric
+table (`metrics.py`); a cell that did not converge is named, never averaged in; cells not
+finished are shown as missing, never as zero.
 """
 
 from __future__ import annotations
@@ -28,14 +37,17 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from .config import Config, make_config
-from .compare_results import cell_key, write_results
+from .config import Config, fingerprint_differences, make_config
+from .compare_results import cell_key, cell_table, seed_summary, strength_figures, strength_sentence, summary_markdown
 from .errors import UserError, read_json, require_writable, write_text_atomic
+from .outputs import replace_folder
+from .parts import default_part_name, losses_of, part_lines, read_records, write_record
 from .metrics import METRICS
 from .registry import METHODS
 from .storage import DEFAULT_STORAGE, STUDIES, ClaimLock, file_lock, open_storage
 from .tracking import init_tracking
-from .trials import WorkerSettings, claimed_params, creator_attr, ensure_parent_run, raised_since, run_shared_trials
+from .trials import (WorkerSettings, claimed_params, creator_attr, ensure_parent_run, raised_since, run_shared_trials,
+                     shared_study)
 
 GRID_DIR = Path("experiments")
 DEFAULT_GRID = GRID_DIR / "compare.toml"
@@ -45,6 +57,7 @@ AXIS_KEYS = {"train.method", "train.seed", "build.train_agreement", "geometry.di
              "geometry.digit_left"}
 # A method entry "NAME+shuffle" adds digit-patch shuffle (the intervention that knows where the digit is).
 SHUFFLE = "+shuffle"
+SHARED_BASE = "erm"  # the entry whose cells' models the post-hoc methods refit
 
 
 @dataclass(frozen=True)
@@ -79,13 +92,27 @@ class Grid:
 
     @property
     def cells(self) -> list[Cell]:
+        """Every cell of the tables."""
         return [Cell(m, a, d, s) for m in self.methods for a in self.agreements for d in self.digit_sizes
                 for s in self.seeds]
 
     @property
+    def derived(self) -> tuple[str, ...]:
+        """Method entries not trained on their own: a post-hoc method (DFR) in a grid that trains
+        ERM refits the last layer of the ERM cell's model (its paper's base model) instead of
+        training another ERM model."""
+        return tuple(m for m in self.methods if SHARED_BASE in self.methods
+                     and METHODS[_split_method(m)[0]].post_hoc and not _split_method(m)[1])
+
+    @property
+    def trained_cells(self) -> list[Cell]:
+        """The cells that are trials: one training run each (a derived cell comes with its base's)."""
+        return [c for c in self.cells if c.method not in self.derived]
+
+    @property
     def cell_choices(self) -> dict[str, list[Any]]:
         """Each cell parameter's values, as the cell sampler draws them."""
-        return {"method": list(self.methods), "agreement": list(self.agreements),
+        return {"method": [m for m in self.methods if m not in self.derived], "agreement": list(self.agreements),
                 "digit_size": list(self.digit_sizes), "seed": list(self.seeds)}
 
     def fingerprint(self) -> dict[str, Any]:
@@ -300,15 +327,31 @@ class CompareOptions:
     timeout: float | None = None
     heartbeat: int = 30
     grace: int = 90
+    part: str = ""  # what this command measures (default: the host and the date)
+
+    @property
+    def part_name(self) -> str:
+        return self.part or default_part_name()
+
+    @property
+    def cells_dir(self) -> Path:
+        return cells_dir(self.out)
 
     @property
     def study(self) -> str:
+        """The grid's Optuna study, one per set of seeds: parts that split the seeds (`--set seeds=1`)
+        share a storage without sharing a GridSampler's grid."""
+        return f"compare-{self.grid.name}-seeds-{'-'.join(map(str, self.grid.seeds))}"
+
+    @property
+    def experiment(self) -> str:
+        """The grid's MLflow experiment: every part's parent run and cells in one place."""
         return f"compare-{self.grid.name}"
 
 
-def open_comparison(opts: CompareOptions, create: bool = True) -> optuna.Study:
-    """The comparison's study, made by the first process; refused if the storage holds a comparison
-    of this name with another grid."""
+def open_comparison(opts: CompareOptions, create: bool = True) -> optuna.Study | None:
+    """The comparison's study, made by the first process (with `create=False`, None when the storage
+    has none); refused if the storage holds a comparison of this name with another grid."""
     storage = open_storage(opts.storage)
     fingerprint = json.loads(json.dumps(opts.grid.fingerprint()))  # as it reads back from storage
     # One seed for every process: the sampler shuffles the grid by it, and a trial's grid id must
@@ -319,23 +362,43 @@ def open_comparison(opts: CompareOptions, create: bool = True) -> optuna.Study:
         try:
             study = optuna.load_study(study_name=opts.study, storage=storage, sampler=sampler)
         except KeyError:
-            raise UserError(f"no comparison {opts.grid.name!r} in {where} — run `make compare` first") from None
+            return None
+        differs = fingerprint_differences(creator_attr(study, "grid") or {}, fingerprint)
     else:
-        try:
-            study = optuna.create_study(study_name=opts.study, storage=storage, sampler=sampler, direction="maximize")
-            study.set_user_attr("grid", fingerprint)
-        except optuna.exceptions.DuplicatedStudyError:
-            study = optuna.load_study(study_name=opts.study, storage=storage, sampler=sampler)
-    stored = creator_attr(study, "grid")
-    if stored != fingerprint:
-        differs = sorted(k for k in set(fingerprint) | set(stored or {}) if (stored or {}).get(k) != fingerprint.get(k))
-        if "recipe" in differs:
-            ours, theirs = fingerprint["recipe"], (stored or {}).get("recipe", {})
-            differs[differs.index("recipe")] = "recipe (" + ", ".join(
-                k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k))[:200] + ")"
+        study, differs = shared_study(storage, opts.study, "grid", fingerprint, sampler=sampler)
+    if differs:
         raise UserError(f"{where} already holds comparison {opts.grid.name!r} with another grid (differs in "
-                        f"{', '.join(differs)}) — give it another name (--set name=…) or use the same grid")
+                        f"{', '.join(differs)[:200]}) — give it another name (--set name=…) or use the same grid")
     return study
+
+
+def cells_dir(out: Path) -> Path:
+    """Where a grid's cell records live: beside its tables (`results/compare` -> `results/compare-cells`),
+    not inside, because the tables' folder is replaced whole on every aggregation."""
+    return out.with_name(f"{out.name}-cells")
+
+
+GRID_FILE = "grid.json"  # in the cell folder: what its records were measured for
+
+
+def check_cells_dir(opts: CompareOptions, create: bool) -> None:
+    """The cell folder holds records of this grid only: its `grid.json` (the grid's fingerprint
+    less the seeds, which parts split) is written by the first part and must match in every later
+    one, so records of another recipe or choice are never merged into one table."""
+    path = opts.cells_dir / GRID_FILE
+    ours = json.loads(json.dumps({k: v for k, v in opts.grid.fingerprint().items() if k != "seeds"}))
+    if path.is_file():
+        differs = fingerprint_differences(read_json(path, "comparison cell folder", f"remove {opts.cells_dir}"), ours)
+        if differs:
+            raise UserError(f"{opts.cells_dir} holds cells of another grid (differs in {', '.join(differs)[:200]}) — "
+                            "give another --out or use the same grid")
+    elif create:
+        require_writable(opts.cells_dir, "folder")
+        write_text_atomic(path, json.dumps(ours, indent=2, sort_keys=True) + "\n")
+
+
+def cell_file(out: Path, cell: Cell) -> Path:
+    return cells_dir(out) / f"{cell.method}__a{cell.agreement:g}__d{cell.digit_size}__seed{cell.seed}.json"
 
 
 def _cell_of(params: dict[str, Any]) -> Cell | None:
@@ -352,9 +415,22 @@ class CellSampler(optuna.samplers.GridSampler):
         pass
 
 
-def next_cell(study: optuna.Study, grid: Grid, since: float = 0.0) -> optuna.Trial | None:
+def recorded_cells(out: Path) -> set[Cell]:
+    """The cells some part has finished: their records are in the cell folder."""
+    return {c for p in sorted(cells_dir(out).glob("*__seed*.json")) if (c := _cell_of(_record_key(p)))}
+
+
+def _record_key(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # unreadable: not finished (the aggregation names it)
+
+
+def next_cell(study: optuna.Study, grid: Grid, since: float = 0.0, recorded: set[Cell] = frozenset()) -> optuna.Trial | None:
     """The next cell to run (called with the claim held), or None when every cell is finished or
-    running: a cell no trial has had yet, picked by the GridSampler; else a cell whose trial failed,
+    running: a cell no trial has had yet, picked by the GridSampler (or, when another part finished
+    cells this storage never saw, `recorded`, the first cell left); else a cell whose trial failed,
     enqueued again — a killed worker's (its heartbeat went silent) always, one whose run raised only
     if it raised before `since` (this command's start: a deterministic error is not retried in a
     loop; the next command retries it once, after a fix)."""
@@ -363,13 +439,15 @@ def next_cell(study: optuna.Study, grid: Grid, since: float = 0.0) -> optuna.Tri
         return study.ask()  # an enqueued cell whose process died before asking for it
     taken = {_cell_of(claimed_params(t)) for t in trials if t.state in (TrialState.COMPLETE, TrialState.RUNNING)}
     raised = {_cell_of(claimed_params(t)) for t in trials if raised_since(t, since)}
-    missing = [c for c in grid.cells if c not in taken and c not in raised]
+    recorded = recorded & set(grid.trained_cells)
+    missing = [c for c in grid.trained_cells if c not in taken and c not in raised and c not in recorded]
     if not missing:
         return None
     # What the GridSampler counts as visited: grid ids of finished or running trials. While any
-    # grid id is left, it picks one of those; never a cell another worker runs.
+    # grid id is left, it picks one of those; never a cell another worker runs, but it knows
+    # nothing of the cells other parts recorded.
     visited = {t.system_attrs.get("grid_id") for t in trials if t.state.is_finished() or t.state == TrialState.RUNNING}
-    if len(visited - {None}) < len(grid.cells):
+    if len(visited - {None}) < len(grid.trained_cells) and not (recorded - taken):
         return study.ask()
     study.enqueue_trial(missing[0].params, skip_if_exists=False)
     return study.ask()
@@ -378,37 +456,45 @@ def next_cell(study: optuna.Study, grid: Grid, since: float = 0.0) -> optuna.Tri
 def _cell_runner(opts: CompareOptions, experiment_id: str, parent: str):
     import mlflow
 
+    from .bench import machine_line
     from .data.layout import cell_counts
-    from .diagnostics import score_run
+    from .diagnostics import score_model
     from .evaluate import confusion
     from .tracking import device_tag, git_commit, log_confusion, log_epoch, tracked_trial
     from .train import fit
 
     space = opts.grid.cell_choices
+    machine = machine_line()
 
     def run_cell(trial: optuna.Trial) -> float:
         cell = Cell(**{axis: trial.suggest_categorical(axis, choices) for axis, choices in space.items()})
         cfg = opts.grid.cell_config(cell)
         data = ensure_dataset(cfg, (opts.cifar, opts.mnist), opts.data_root, opts.download)
         run_dir = STUDIES / opts.study / f"cell-{trial.number:04d}"
-        tags = {"study": opts.study, "trial": str(trial.number), "role": "cell", "git_commit": git_commit(),
+        tags = {"study": opts.study, "trial": str(trial.number), "role": "cell", "part": opts.part_name,
+                "git_commit": git_commit(),
                 "device": device_tag(), **{f"cell.{k}": str(v) for k, v in cell.params.items()}}
-        started = time.monotonic()
+        started, started_at = time.monotonic(), time.time()
         with tracked_trial(experiment_id, parent, cell.label, tags,
                            lambda run_id: trial.set_user_attr("mlflow_run_id", run_id)):
             mlflow.log_params({**cfg.flat(), **{f"cell.{k}": v for k, v in cell.params.items()},
                                "trial_number": trial.number, "data": str(data)})
             result = fit(cfg, data, run_dir, on_epoch=lambda epoch, record: log_epoch(record), quiet=True)
-            scores, preds, labels = score_run(run_dir, data)
+            scores, preds, labels = score_model(result.model, cfg, data)
             if not scores:  # inside: a cell that cannot be scored is failed like one whose run raised
                 raise UserError(f"{data}/test has no labels: the comparison scores cells on the labelled test split")
             seconds = time.monotonic() - started
             scores = {k: v for k, v in scores.items() if k in METRICS}
             counts = cell_counts(data, "train")
-            if counts is not None:
-                trial.set_user_attr("rarest_cell", int(counts.min()))
-            losses = [h["train_loss"] for h in result.history]
-            trial.set_user_attr("loss_rose", int(losses[-1] > losses[0]))
+            common = {"train_seconds": result.train_seconds, **losses_of(result.history), "epoch": result.best_epoch,
+                      "rarest_cell": int(counts.min()) if counts is not None else None, "epochs": cfg.train.epochs,
+                      "data": data.name, "part": opts.part_name, "machine": machine, "commit": git_commit()}
+            if cell.method == SHARED_BASE:  # first the refits of this model (a killed cell redoes both)
+                for entry in opts.grid.derived:
+                    _refit_cell(opts, Cell(entry, cell.agreement, cell.digit_size, cell.seed), result.model, data,
+                                {**common, "shared_run": cell.label})
+            write_record(cell_file(opts.out, cell), {**cell.params, **common, "test": scores, "seconds": seconds,
+                                                     "started": started_at, "ended": time.time()})
             mlflow.log_metrics({f"test_{k}": v for k, v in scores.items() if math.isfinite(v)}
                                | {"cell_seconds": seconds, "total_train_seconds": result.train_seconds,
                                   "median_images_per_s": result.images_per_s})
@@ -419,6 +505,21 @@ def _cell_runner(opts: CompareOptions, experiment_id: str, parent: str):
             return float(scores["acc"])
 
     return run_cell
+
+
+def _refit_cell(opts: CompareOptions, cell: Cell, model: Any, data: Path, common: dict[str, Any]) -> None:
+    """A derived cell (a post-hoc method on the ERM cell's model): refit, scored, recorded; its
+    training fields are the ERM cell's, `seconds` the refit's and scoring's own."""
+    from .diagnostics import score_model
+    from .train import finish_trained
+
+    started, started_at = time.monotonic(), time.time()
+    cfg = opts.grid.cell_config(cell)
+    refit = finish_trained(model, cfg, data)
+    scores = {k: v for k, v in score_model(refit, cfg, data)[0].items() if k in METRICS}
+    write_record(cell_file(opts.out, cell), {**cell.params, **common, "train_seconds": 0.0, "test": scores,
+                                             "seconds": time.monotonic() - started, "started": started_at,
+                                             "ended": time.time()})
 
 
 def _duration(seconds: float) -> str:
@@ -434,7 +535,7 @@ def progress_line(study: optuna.Study, grid: Grid, frozen: optuna.trial.FrozenTr
     label = cell.label if cell else f"trial {frozen.number}"
     trials = study.get_trials(deepcopy=False)
     done = {_cell_of(t.params) for t in trials if t.state == TrialState.COMPLETE}
-    left = len([c for c in grid.cells if c not in done])
+    left = len([c for c in grid.trained_cells if c not in done])
     running = sum(t.state == TrialState.RUNNING for t in trials)
     times = [t.user_attrs["seconds"] for t in trials if t.state == TrialState.COMPLETE and "seconds" in t.user_attrs]
     eta = left * statistics.median(times) / max(1, running + 1) if times else math.nan
@@ -446,8 +547,49 @@ def progress_line(study: optuna.Study, grid: Grid, frozen: optuna.trial.FrozenTr
     secs = frozen.user_attrs.get("seconds")
     if secs is None and frozen.datetime_complete and frozen.datetime_start:
         secs = (frozen.datetime_complete - frozen.datetime_start).total_seconds()
-    return (f"cell {label}: {what} ({secs or math.nan:.0f} s) — {len(grid.cells) - left}/{len(grid.cells)} done, "
+    total = len(grid.trained_cells)
+    return (f"cell {label}: {what} ({secs or math.nan:.0f} s) — {total - left}/{total} done, "
             f"{left} left" + (f", about {_duration(eta)} to go" if left else ""))
+
+
+def write_results(grid: Grid, out: Path, study: optuna.Study | None = None, parent: str | None = None) -> str:
+    """cells.csv, summary.csv, summary.md and the three plots into `out`, from the cell records
+    (every part that left them; `study`, when there is one, adds the running and failed cells),
+    replaced as one unit (a failure, a full disk included, leaves the earlier set whole), also logged
+    to the parent run; returns the Markdown table."""
+    import matplotlib.pyplot as plt
+
+    out = require_writable(out, "folder")
+    records = [r for r in read_records(cells_dir(out), "comparison cell", "*__seed*.json") if _cell_of(r) in set(grid.cells)]
+    trials = study.get_trials(deepcopy=False) if study is not None else []
+    cells = cell_table(records, trials, [c.params for c in grid.cells])
+    summary = seed_summary(cells, len(grid.seeds))
+    table = summary_markdown(summary, cells, min(grid.agreements))
+    recipe = ", ".join(f"{k}={v}" for k, v in grid.base_config().flat().items()
+                       if k.startswith(("train.", "augment.")) and k not in ("train.method", "train.seed"))
+    names = ["cells.csv", "summary.csv", "summary.md"]
+    with replace_folder(out) as stage:
+        cells.to_csv(stage / "cells.csv", index=False)
+        summary.to_csv(stage / "summary.csv", index=False)
+        (stage / "summary.md").write_text("\n".join([
+            f"# Comparison `{grid.name}`", "", strength_sentence(summary), "",
+            f"Methods {', '.join(grid.methods)}; agreement {', '.join(map(str, grid.agreements))}; digit "
+            f"{', '.join(map(str, grid.digit_sizes))} px; seeds {', '.join(map(str, grid.seeds))}.", "",
+            f"Recipe (preset `{grid.preset}`): {recipe}", "", table, "",
+            f"Parts (the cell records in `{cells_dir(out)}`):", *part_lines(records, "cells"), ""]))
+        for name, fig in strength_figures(summary).items():
+            fig.savefig(stage / f"{name}.png", dpi=120, format="png")
+            plt.close(fig)
+            names.append(f"{name}.png")
+    if parent:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        for name in names:
+            client.log_artifact(parent, str(out / name))
+        done = int((cells["state"] == "complete").sum())
+        client.log_metric(parent, "cells_done", done, step=done)
+    return table
 
 
 def compare(opts: CompareOptions) -> str:
@@ -464,8 +606,10 @@ def compare(opts: CompareOptions) -> str:
     require_writable(opts.out, "folder")
     require_writable(opts.data_root, "folder")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    check_cells_dir(opts, create=False)  # before the storage: a grid refused here leaves no study behind
     study = open_comparison(opts)
-    experiment_id = init_tracking(opts.tracking_uri, opts.study)
+    check_cells_dir(opts, create=True)  # and the grid's record only once the storage took it
+    experiment_id = init_tracking(opts.tracking_uri, opts.experiment)
     claim = ClaimLock(opts.storage or DEFAULT_STORAGE, opts.study)
     claim.acquire()  # processes starting together: one makes the parent run, the others find it
     try:
@@ -479,17 +623,19 @@ def compare(opts: CompareOptions) -> str:
                                        if k.startswith(("train.", "augment."))}})
     finally:
         claim.release()
-    print(f"comparison {opts.grid.name}: {len(opts.grid.cells)} cells in {opts.storage or DEFAULT_STORAGE}", flush=True)
+    derived = f" ({', '.join(opts.grid.derived)} refit from the {SHARED_BASE} cells' models)" if opts.grid.derived else ""
+    print(f"comparison {opts.grid.name}: {len(opts.grid.trained_cells)} cells to train in {opts.storage or DEFAULT_STORAGE}"
+          f"{derived}", flush=True)
     deadline = time.monotonic() + opts.timeout if opts.timeout else math.inf
     since = time.time()
     try:
-        run_shared_trials(study, claim, lambda s: next_cell(s, opts.grid, since), _cell_runner(opts, experiment_id, parent),
+        run_shared_trials(study, claim, lambda s: next_cell(s, opts.grid, since, recorded_cells(opts.out)), _cell_runner(opts, experiment_id, parent),
                           WorkerSettings(experiment_id=experiment_id, heartbeat=opts.heartbeat, grace=opts.grace,
                                          deadline=deadline, storage=opts.storage or DEFAULT_STORAGE,
                                          retry=False),  # a failed cell is enqueued again by next_cell
                           lambda frozen: print(progress_line(study, opts.grid, frozen), flush=True))
     finally:  # what finished is written even when the worker stops on failures
-        table = write_results(study, opts.grid, opts.out, parent)
+        table = write_results(opts.grid, opts.out, study, parent)
     failed = failed_cells(study, opts.grid, since)
     if failed:
         raise UserError(f"{len(failed)} cell(s) failed, e.g. {failed[0]}; {opts.out}/summary.md shows them "
@@ -509,9 +655,14 @@ def failed_cells(study: optuna.Study, grid: Grid, since: float) -> list[str]:
 
 
 def aggregate(opts: CompareOptions) -> str:
-    """Tables and plots from the storage alone (what is finished so far), without running a cell."""
-    study = open_comparison(opts, create=False)
-    parent = study.user_attrs.get("mlflow_parent_run_id")
+    """Tables and plots of what is finished so far, without running a cell: from the cell records
+    (the committed parts), with the storage's running and failed cells when it holds the grid."""
+    study = open_comparison(opts, create=False)  # None: the parts' records alone (another machine's storage)
+    if study is None and not (opts.cells_dir / GRID_FILE).is_file():
+        raise UserError(f"no comparison {opts.grid.name!r}: neither {opts.storage or DEFAULT_STORAGE} nor "
+                        f"{opts.cells_dir} holds it — run `make compare` first")
+    check_cells_dir(opts, create=False)
+    parent = study.user_attrs.get("mlflow_parent_run_id") if study is not None else None
     if parent:
-        init_tracking(opts.tracking_uri, opts.study)
-    return write_results(study, opts.grid, opts.out, parent)
+        init_tracking(opts.tracking_uri, opts.experiment)
+    return write_results(opts.grid, opts.out, study, parent)

@@ -1,26 +1,24 @@
 """The shortcut-strength comparison's results: a row per cell, the aggregate per (method,
 agreement, digit size) with a 95 % Student-t interval over seeds, the Markdown table and the
-three plots (`compare.py` runs the cells; `report.py` draws these plots on a page of its own).
-Cells not finished are shown as missing, never as zero."""
+three plots (`compare.py` runs the cells and writes these; `report.py` draws the plots on a page of
+its own). Cells not finished are shown as missing, never as zero; a cell that did not converge
+is named, never averaged in. Plain data in, tables out: no grid object, no storage."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from .errors import UserError, require_writable
+from .errors import UserError
 from .metrics import METRICS as DECLARED
 from .metrics import seed_interval
-from .outputs import replace_folder
-
-if TYPE_CHECKING:
-    from .compare import Grid
+from .parts import not_converged
 
 # The test metrics aggregated per cell (a finished cell's trial holds every declared metric as a
 # user attribute): those the metric table gives an interval over seeds.
@@ -35,36 +33,44 @@ def cell_key(params: dict[str, Any]) -> tuple[str, float, int, int] | None:
         return None
 
 
-def cell_table(study: optuna.Study, grid: Grid) -> pd.DataFrame:
-    """One row per grid cell: its state (complete, running, failed, missing) and test metrics."""
-    by_cell: dict[tuple, optuna.trial.FrozenTrial] = {}
-    keys = [tuple(cell.params.values()) for cell in grid.cells]
+def cell_table(records: list[dict[str, Any]], trials: list[optuna.trial.FrozenTrial],
+               cells: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per grid cell (`cells`: their params, in order): complete with its test metrics when
+    a part left its record; else the state its trial has in the storage (running, waiting, failed),
+    or missing. `not_converged` names a complete cell whose training loss ended or rose above its start."""
+    done = {cell_key(r): r for r in records}
     rank = {TrialState.COMPLETE: 3, TrialState.RUNNING: 2, TrialState.WAITING: 1, TrialState.FAIL: 0}
-    for t in study.get_trials(deepcopy=False):
-        cell = cell_key(t.params)
-        if cell is None or cell not in keys:
-            continue
-        held = by_cell.get(cell)
-        if held is None or rank.get(t.state, 0) > rank.get(held.state, 0):
-            by_cell[cell] = t
+    by_cell: dict[tuple, optuna.trial.FrozenTrial] = {}
+    for t in trials:
+        key = cell_key(t.params)
+        held = by_cell.get(key)
+        if key is not None and (held is None or rank.get(t.state, 0) > rank.get(held.state, 0)):
+            by_cell[key] = t
     rows = []
-    for cell, key in zip(grid.cells, keys):
-        t = by_cell.get(key)
-        state = "missing" if t is None else {TrialState.COMPLETE: "complete", TrialState.RUNNING: "running",
-                                             TrialState.WAITING: "waiting"}.get(t.state, "failed")
-        row: dict[str, Any] = {**cell.params, "state": state, "trial": t.number if t else None}
-        for metric in (*METRICS, "seconds", "rarest_cell", "loss_rose"):
-            row[metric] = float(t.user_attrs.get(metric, math.nan)) if state == "complete" else math.nan
+    for params in cells:
+        key = cell_key(params)
+        record, t = done.get(key), by_cell.get(key)
+        if record is not None:
+            state = "complete"
+        else:
+            state = "missing" if t is None or t.state == TrialState.COMPLETE else {
+                TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}.get(t.state, "failed")
+        row: dict[str, Any] = {**params, "state": state, "trial": t.number if t else None,
+                               "not_converged": (not_converged(record) or "") if record else ""}
+        for metric in METRICS:
+            row[metric] = float(record["test"].get(metric, math.nan)) if record else math.nan
+        for key2 in ("seconds", "rarest_cell", "part"):
+            row[key2] = record.get(key2) if record else None
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def seed_summary(cells: pd.DataFrame, seeds: int) -> pd.DataFrame:
-    """Per (method, agreement, digit size): seeds finished of `seeds`, then mean / sd / 95 % interval
-    of every metric over the finished seeds."""
+    """Per (method, agreement, digit size): seeds finished (and converged) of `seeds`, then mean / sd /
+    95 % interval of every metric over those seeds."""
     rows = []
     for (method, agreement, digit), group in cells.groupby(["method", "agreement", "digit_size"], sort=False):
-        done = group[group["state"] == "complete"]
+        done = group[(group["state"] == "complete") & (group["not_converged"].fillna("") == "")]
         row: dict[str, Any] = {"method": method, "agreement": agreement, "digit_size": digit,
                                "seeds_done": len(done), "seeds": seeds}
         for key in METRICS:
@@ -88,7 +94,9 @@ def _fmt(row: pd.Series, key: str) -> str:
     return text
 
 
-def summary_markdown(summary: pd.DataFrame, grid: Grid, cells: pd.DataFrame) -> str:
+def summary_markdown(summary: pd.DataFrame, cells: pd.DataFrame, weakest: float) -> str:
+    """The table, the no-shortcut check at the `weakest` agreement, the rarest (class, digit) cell
+    per dataset and the cells that did not converge."""
     titles = [DECLARED[k].title + (" [95 % CI]" if k in INTERVAL_SHOWN else "") for k in METRICS]
     lines = ["| method | agreement | digit px | seeds | " + " | ".join(titles) + " |",
              "|" + "---|" * (4 + len(METRICS))]
@@ -97,23 +105,25 @@ def summary_markdown(summary: pd.DataFrame, grid: Grid, cells: pd.DataFrame) -> 
         lines.append(f"| {r['method']} | {r['agreement']:g} | {r['digit_size']} | {seeds} | "
                      + " | ".join(_fmt(r, k) for k in METRICS) + " |")
     checks = []
-    for _, r in summary[summary["agreement"] == min(grid.agreements)].iterrows():
+    for _, r in summary[summary["agreement"] == weakest].iterrows():
         lo, hi = r["gap_ci_low"], r["gap_ci_high"]
-        if min(grid.agreements) <= 0.1 + 1e-9 and math.isfinite(lo):
+        if weakest <= 0.1 + 1e-9 and math.isfinite(lo):
             inside = lo <= 0 <= hi
             checks.append(f"- {r['method']}, {r['digit_size']} px, agreement 0.1 (no shortcut): gap "
                           f"{r['gap_mean']:.1f} [{lo:.1f}, {hi:.1f}] — {'no gap beyond its interval' if inside else 'a gap beyond its interval'}")
     done = int((cells["state"] == "complete").sum())
     rarest = cells.dropna(subset=["rarest_cell"]).groupby(["agreement", "digit_size"])["rarest_cell"].min()
     rarest_lines = [f"- agreement {a:g}, digit {d} px: {int(n)}" for (a, d), n in rarest.items()]
-    rose = cells[cells["loss_rose"] == 1]
-    rose_lines = [f"- {r['method']} a={r['agreement']:g} d={r['digit_size']} seed={r['seed']}" for _, r in rose.iterrows()]
+    rose = cells[cells["not_converged"].fillna("") != ""]
+    rose_lines = [f"- {r['method']} a={r['agreement']:g} d={r['digit_size']} seed={r['seed']}: {r['not_converged']}"
+                  for _, r in rose.iterrows()]
     return "\n".join([f"{done} of {len(cells)} cells finished; mean ± sd over seeds, 95 % Student-t interval in "
                       "brackets (two or more seeds). Test accuracy (%) on the unbiased test set.", "", *lines,
                       *(["", "No-shortcut cells (the gap should be zero within its interval):", *checks] if checks else []),
                       *(["", "Training images in the rarest (class, digit) cell of each dataset:", *rarest_lines]
                         if rarest_lines else []),
-                      "", "Cells whose training loss ended above its start (a recipe defect, not a result): "
+                      "", "Cells whose training loss ended or rose above its start (a recipe defect, not a result; "
+                      "not averaged in): "
                       + ("none" if not rose_lines else ""), *rose_lines])
 
 
@@ -177,53 +187,3 @@ def strength_sentence(summary: pd.DataFrame) -> str:
                          f"-> {hi['conflicting_acc_mean']:.1f} % at {hi['agreement']:g}")
     return ("Conflicting test accuracy as the shortcut strengthens: " + "; ".join(parts) + ".") if parts else \
         "Too few finished cells for a trend yet."
-
-
-def wall_time(study: optuna.Study) -> str:
-    """From the first cell's start to the last cell's end, as the storage recorded them (every
-    process, every host), and the cells' summed seconds: what the grid cost to run."""
-    trials = [t for t in study.get_trials(deepcopy=False) if t.datetime_start and t.datetime_complete]
-    if not trials:
-        return "no cell finished yet"
-    first = min(t.datetime_start for t in trials)
-    last = max(t.datetime_complete for t in trials)
-    busy = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials)
-    return (f"cells ran {first:%Y-%m-%d %H:%M}–{last:%H:%M}: {(last - first).total_seconds() / 60:.1f} min of wall "
-            f"time, {busy / 60:.1f} min summed over cells (dataset builds included)")
-
-
-def write_results(study: optuna.Study, grid: Grid, out: Path, parent: str | None = None) -> str:
-    """cells.csv, summary.csv, summary.md and the three plots into `out`, replaced as one unit (a
-    failure, a full disk included, leaves the earlier set whole), also logged to the parent run;
-    returns the Markdown table."""
-    import matplotlib.pyplot as plt
-
-    out = require_writable(out, "folder")
-    cells = cell_table(study, grid)
-    summary = seed_summary(cells, len(grid.seeds))
-    table = summary_markdown(summary, grid, cells)
-    recipe = ", ".join(f"{k}={v}" for k, v in grid.base_config().flat().items()
-                       if k.startswith(("train.", "augment.")) and k not in ("train.method", "train.seed"))
-    names = ["cells.csv", "summary.csv", "summary.md"]
-    with replace_folder(out) as stage:
-        cells.to_csv(stage / "cells.csv", index=False)
-        summary.to_csv(stage / "summary.csv", index=False)
-        (stage / "summary.md").write_text(
-            f"# Comparison `{grid.name}`\n\n{strength_sentence(summary)}\n\nRun: {wall_time(study)}.\n\nMethods "
-            f"{', '.join(grid.methods)}; agreement {', '.join(map(str, grid.agreements))}; digit "
-            f"{', '.join(map(str, grid.digit_sizes))} px; seeds {', '.join(map(str, grid.seeds))}.\n\nRecipe (preset "
-            f"`{grid.preset}`): {recipe}\n\n{table}\n")
-        for name, fig in strength_figures(summary).items():
-            fig.savefig(stage / f"{name}.png", dpi=120, format="png")
-            plt.close(fig)
-            names.append(f"{name}.png")
-    paths = [out / name for name in names]
-    if parent:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient()
-        for path in paths:
-            client.log_artifact(parent, str(path))
-        done = int((cells["state"] == "complete").sum())
-        client.log_metric(parent, "cells_done", done, step=done)
-    return table

@@ -431,3 +431,32 @@ def make_config(preset: str | None = None, sets: list[str] | None = None,
             raise UserError(f"--set {item!r}: write it as section.field=value")
         set_value(cfg, key.strip(), value)
     return cfg.validate()
+
+
+def fingerprint_differences(recorded: Any, current: Any, where: str = "") -> list[str]:
+    """Where a recorded fingerprint (a study's, a results file's) and the current one differ, nested
+    tables descended ("final/train.lr"). A config knob the record predates counts as holding its
+    default: a knob is added with the default that keeps the old behaviour, so what was measured
+    before it existed stays comparable (and a non-default value of it is a difference)."""
+    if not (isinstance(recorded, dict) and isinstance(current, dict)):
+        return [] if recorded == current else [where or "value"]
+    differs = []
+    for key in sorted(set(recorded) | set(current)):
+        name = f"{where}/{key}" if where else key
+        if key not in recorded and _knob_defaults().get(key, _MISSING) == current[key]:
+            continue
+        if key not in recorded or key not in current:
+            differs.append(name)
+        else:
+            differs += fingerprint_differences(recorded[key], current[key], name)
+    return differs
+
+
+_MISSING = object()
+
+
+def _knob_defaults() -> dict[str, Any]:
+    """Every config knob's default, as it reads back from JSON (a fingerprint's form)."""
+    import json
+
+    return json.loads(json.dumps(Config().flat()))

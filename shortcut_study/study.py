@@ -25,7 +25,7 @@ from .config import SELECT_METRICS, Config, Param, make_config, set_value
 from .errors import UserError
 from .storage import DEFAULT_STORAGE, STUDIES, ClaimLock, open_storage, storage_unreachable
 from .tracking import init_tracking
-from .trials import (WorkerSettings, counted, creator_attr, ensure_parent_run, reconcile_failed_runs, run_shared_trials,
+from .trials import (WorkerSettings, counted, creator_attr, ensure_parent_run, reconcile_failed_runs, run_shared_trials, shared_study,
                      worker_seed)
 
 # Heartbeats and stale-trial failing are marked experimental but are Optuna's documented way.
@@ -190,19 +190,12 @@ def _open_study(opts: SweepOptions, create: bool) -> optuna.Study:
             raise UserError(f"no study {opts.study!r} in {opts.storage or DEFAULT_STORAGE} — run `make sweep` first") from None
     sampler = optuna.samplers.TPESampler(seed=worker_seed(opts.seed), n_startup_trials=6, constant_liar=True)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=3)
-    try:
-        # Only the process that creates the study (a unique row in the database) sets it up: the
-        # untuned default is enqueued once however many workers start at the same moment.
-        study = optuna.create_study(study_name=opts.study, storage=storage, direction="maximize", sampler=sampler,
-                                    pruner=pruner)
-        study.set_user_attr("objective", opts.objective)
-        study.enqueue_trial(default_params(opts), user_attrs={"default": True})
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=opts.study, storage=storage, sampler=sampler, pruner=pruner)
-    made_for = creator_attr(study, "objective")
-    if made_for != opts.objective:
-        raise UserError(f"study {opts.study!r} was created with objective {made_for!r}, not {opts.objective!r} — "
-                        "use another --study name or the same --objective")
+    # The untuned default is enqueued once, by the process that creates the study.
+    study, differs = shared_study(storage, opts.study, "objective", opts.objective, sampler=sampler, pruner=pruner,
+                                  on_create=lambda s: s.enqueue_trial(default_params(opts), user_attrs={"default": True}))
+    if differs:
+        raise UserError(f"study {opts.study!r} was created with objective {creator_attr(study, 'objective')!r}, not "
+                        f"{opts.objective!r} — use another --study name or the same --objective")
     return study
 
 

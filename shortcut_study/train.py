@@ -510,6 +510,29 @@ def fit(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = F
     return _finish(run, trainer, progress, selection, cfg, agreement)
 
 
+def finish_trained(model: nn.Module, cfg: Config, data_dir: str | Path) -> nn.Module:
+    """A post-hoc method (`Method.post_hoc`: DFR) applied to `model`, an ERM model trained
+    elsewhere on the same data and recipe (the strength grid's ERM cell): the method's own
+    selection split and last word, as `fit` runs them, without training again. Returns a refitted
+    copy; `model` is left as it was."""
+    import copy
+
+    cfg = with_recorded_normalization(cfg, data_dir)
+    cfg.validate()
+    if not METHODS[cfg.train.method].post_hoc:
+        raise UserError(f"method {cfg.train.method} trains a model of its own: only a post-hoc method (one that "
+                        "refits a trained ERM model, e.g. dfr) can take another run's model")
+    rt = train_runtime(cfg.train)
+    torch.manual_seed(cfg.train.seed)
+    train, val = load_data(cfg, data_dir, rt)
+    check_data(cfg, train, val, data_dir)
+    refit = copy.deepcopy(model).to(rt.device)
+    trainer = build_trainer(cfg, train, rt, data_dir, new_model=lambda: refit)
+    check_selection(cfg, trainer.method.selection_split(val), data_dir)
+    trainer.method.finish(refit)
+    return refit.eval()
+
+
 def _finish(run: Run, trainer: Trainer, progress: Progress, selection: SplitData, cfg: Config,
             agreement: float) -> TrainResult:
     """The selected model, after the method's last word (DFR's refit), scored once on the selection

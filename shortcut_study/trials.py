@@ -12,6 +12,7 @@ its parameters again. Hosts are assumed to keep their clocks in sync (NTP) to we
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import threading
@@ -26,6 +27,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from .config import fingerprint_differences
 from .errors import UserError
 from .storage import ClaimLock, storage_unreachable
 
@@ -252,6 +254,24 @@ def creator_attr(study: optuna.Study, key: str, tries: int = 50) -> Any:
         time.sleep(0.2)
         study = optuna.load_study(study_name=study.study_name, storage=study._storage)  # noqa: SLF001
     return None
+
+
+def shared_study(storage: optuna.storages.BaseStorage, name: str, key: str, made_for: Any,
+                 on_create: Callable[[optuna.Study], None] | None = None, **study_args: Any) -> tuple[optuna.Study, list[str]]:
+    """The study `name`, made by whichever process gets there first: it records `made_for` (what the
+    study is for: an objective, a grid, a benchmark) under `key` and runs `on_create` once (the
+    database's unique name decides, however many workers start together). Returns the study and
+    where its creator's record differs from `made_for` (`fingerprint_differences`; empty = the same)."""
+    made_for = json.loads(json.dumps(made_for))  # as it reads back from storage
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, direction="maximize", **study_args)
+        study.set_user_attr(key, made_for)
+        if on_create is not None:
+            on_create(study)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage, **study_args)
+    recorded = creator_attr(study, key)
+    return study, fingerprint_differences({} if recorded is None else recorded, made_for)
 
 
 def ensure_parent_run(study: optuna.Study, experiment_id: str, run_name: str, tags: dict[str, str],

@@ -119,6 +119,22 @@ def test_a_name_used_with_another_budget_is_refused(wide_dataset, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert "already holds benchmark 'tiny' with another budget" in err and "settings" in err
 
+    # A choice recorded before a knob existed still holds (the knob kept its behaviour-preserving
+    # default); a recorded value that differs from today's is refused, named.
+    chosen = tmp_path / "out" / "chosen.json"
+    tree = json.loads(chosen.read_text())
+    for recipe in ("search", "final"):
+        del tree["fingerprint"][recipe]["geometry.norm_mean"]
+    chosen.write_text(json.dumps(tree))
+    again = _args(spec, wide_dataset, tmp_path, "a.db", "--set", "seeds=0", "--set", "reference=")
+    assert main(again) == 0
+    tree["fingerprint"]["final"]["train.lr"] = 123.0
+    chosen.write_text(json.dumps(tree))
+    capsys.readouterr()
+    assert main(again) == 2
+    err = capsys.readouterr().err.strip()
+    assert "was written by another benchmark (differs in final/train.lr)" in err and len(err.splitlines()) == 1
+
 
 def test_a_strength_grid_trains_each_method_with_the_benchmarks_choice(tmp_path):
     from shortcut_study.compare import load_grid

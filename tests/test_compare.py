@@ -1,5 +1,6 @@
 """The shortcut-strength comparison end to end on synthetic sources: a tiny grid shared by two
-processes, a killed cell rerun, aggregation with missing cells, plots, and bad grids."""
+processes, parts measured separately and merged from their cell records, a killed cell rerun,
+aggregation with missing and unconverged cells, plots, and bad grids."""
 
 from __future__ import annotations
 
@@ -16,8 +17,7 @@ import pytest
 from optuna.trial import TrialState
 
 from shortcut_study.cli import main
-from shortcut_study.compare import CompareOptions, load_grid
-from shortcut_study.compare_results import write_results
+from shortcut_study.compare import CompareOptions, cell_file, load_grid, write_results
 from shortcut_study.storage import open_storage
 
 from .conftest import kill_once_training
@@ -49,15 +49,16 @@ def _grid(tmp_path: Path, text: str = TINY_GRID) -> Path:
     return path
 
 
-def _compare(sources, tmp_path: Path, grid: Path, *extra: str) -> list[str]:
+def _compare(sources, tmp_path: Path, grid: Path, *extra: str, db: str = "optuna.db") -> list[str]:
     return [sys.executable, "-m", "shortcut_study.cli", "compare", "--grid", str(grid),
             "--cifar", str(sources["cifar_tgz"]), "--mnist", str(sources["mnist_tgz"]),
-            "--storage", f"sqlite:///{tmp_path}/optuna.db", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+            "--storage", f"sqlite:///{tmp_path}/{db}", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
             "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "out"), *extra]
 
 
-def _study(tmp_path: Path, name: str = "tiny") -> optuna.Study:
-    return optuna.load_study(study_name=f"compare-{name}", storage=open_storage(f"sqlite:///{tmp_path}/optuna.db"))
+def _study(tmp_path: Path, name: str = "tiny", db: str = "optuna.db", seeds: str = "0") -> optuna.Study:
+    return optuna.load_study(study_name=f"compare-{name}-seeds-{seeds}",
+                             storage=open_storage(f"sqlite:///{tmp_path}/{db}"))
 
 
 def test_two_processes_share_a_grid_each_cell_once_tracked_aggregated_and_plotted(sources, tmp_path):
@@ -100,13 +101,36 @@ def test_two_processes_share_a_grid_each_cell_once_tracked_aggregated_and_plotte
     again = subprocess.run(_compare(sources, tmp_path, grid), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert len(_study(tmp_path).trials) == 8
+    # nor on another storage: the cell records say what some part finished
+    again = subprocess.run(_compare(sources, tmp_path, grid, db="other.db"), cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert len(_study(tmp_path, db="other.db").trials) == 0
+
+    # a part measured separately (another seed, another storage, named) merges from the records
+    second = subprocess.run(_compare(sources, tmp_path, grid, "--set", "seeds=1", "--part", "second", db="b.db"),
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr
+    merged = subprocess.run(_compare(sources, tmp_path, grid, "--set", "seeds=0,1", "--aggregate", db="none.db"),
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert merged.returncode == 0, merged.stderr
+    summary = pd.read_csv(out / "summary.csv")
+    assert len(summary) == 8 and (summary["seeds_done"] == 2).all()
+    text = (out / "summary.md").read_text()
+    assert "`second` (8 cells" in text and text.count("cells, commit") == 2  # both parts, each with its machine
+    assert len(list((tmp_path / "out-cells").glob("*__seed*.json"))) == 16
+    # a grid with another recipe is refused for this cell folder, before any storage is touched
+    other = subprocess.run(_compare(sources, tmp_path, grid, "--set", "train.epochs=2", db="c.db"), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert other.returncode == 2 and "holds cells of another grid (differs in recipe/train.epochs)" in other.stderr
+    assert other.stderr.count("\n") == 1 and not (tmp_path / "c.db").exists()
 
 
 def test_killed_cell_is_failed_and_rerun(sources, tmp_path):
     grid = _grid(tmp_path, TINY_GRID.replace('digit_sizes = [16, 8]', 'digit_sizes = [16]')
                  .replace('agreements = [0.1, 0.9]', 'agreements = [0.9]'))
     cmd = _compare(sources, tmp_path, grid, "--heartbeat", "1", "--grace", "3")
-    kill_once_training(cmd, f"sqlite:///{tmp_path}/optuna.db", tmp_path, study="compare-tiny")
+    kill_once_training(cmd, f"sqlite:///{tmp_path}/optuna.db", tmp_path, study="compare-tiny-seeds-0")
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     trials = _study(tmp_path).trials
@@ -122,20 +146,23 @@ def test_killed_cell_is_failed_and_rerun(sources, tmp_path):
 
 def test_aggregation_shows_missing_cells_as_missing(tmp_path):
     grid = load_grid(_grid(tmp_path, TINY_GRID.replace("seeds = [0]", "seeds = [0, 1, 2]")))
-    study = optuna.create_study(study_name="compare-tiny", storage=f"sqlite:///{tmp_path}/o.db", direction="maximize")
-    from optuna.distributions import CategoricalDistribution
+    from shortcut_study.compare import Cell
+    from shortcut_study.parts import write_record
 
-    dists = {k: CategoricalDistribution(v) for k, v in grid.cell_choices.items()}
+    def record(cell, acc, aligned, conflicting, worst, gap, last=1.0):
+        write_record(cell_file(tmp_path / "out", cell), {
+            **cell.params, "test": {"acc": acc, "aligned_acc": aligned, "conflicting_acc": conflicting,
+                                    "worst_group_acc": worst, "gap": gap, "cf_gap": gap},
+            "seconds": 3.0, "train_seconds": 2.0, "rarest_cell": 4, "train_loss_first": 2.3, "train_loss_last": last,
+            "train_loss_max": 2.3, "part": "p1", "machine": "a test machine", "commit": "abc", "started": 0.0,
+            "ended": 60.0})
+
     for seed, acc in ((0, 50.0), (1, 54.0), (2, 52.0)):  # one (method, agreement, size) with all seeds
-        study.add_trial(optuna.trial.create_trial(
-            params={"method": "erm", "agreement": 0.9, "digit_size": 16, "seed": seed}, distributions=dists, value=acc,
-            user_attrs={"acc": acc, "aligned_acc": 90.0, "conflicting_acc": acc - 5, "worst_group_acc": 10.0,
-                        "gap": 95.0 - acc, "cf_gap": 30.0, "seconds": 3.0}))
-    study.add_trial(optuna.trial.create_trial(  # one seed of another
-        params={"method": "erm", "agreement": 0.1, "digit_size": 16, "seed": 0}, distributions=dists, value=40.0,
-        user_attrs={"acc": 40.0, "aligned_acc": 40.0, "conflicting_acc": 40.0, "worst_group_acc": 30.0, "gap": 0.0,
-                    "cf_gap": 0.0, "seconds": 3.0}))
-    table = write_results(study, grid, tmp_path / "out")
+        record(Cell("erm", 0.9, 16, seed), acc, 90.0, acc - 5, 10.0, 95.0 - acc)
+    record(Cell("erm", 0.1, 16, 0), 40.0, 40.0, 40.0, 30.0, 0.0)  # one seed of another
+    record(Cell("erm", 0.1, 16, 1), 10.0, 10.0, 10.0, 0.0, 0.0, last=2.5)  # diverged: named, not averaged in
+    study = optuna.create_study(study_name="compare-tiny", storage=f"sqlite:///{tmp_path}/o.db", direction="maximize")
+    table = write_results(grid, tmp_path / "out", study)
     summary = pd.read_csv(tmp_path / "out" / "summary.csv")
     full = summary[(summary["agreement"] == 0.9) & (summary["digit_size"] == 16) & (summary["method"] == "erm")].iloc[0]
     assert full["seeds_done"] == 3 and full["acc_mean"] == pytest.approx(52.0) and full["acc_sd"] == pytest.approx(2.0)
@@ -145,8 +172,10 @@ def test_aggregation_shows_missing_cells_as_missing(tmp_path):
     none = summary[summary["method"] == "groupdro+shuffle"]
     assert (none["seeds_done"] == 0).all() and none["acc_mean"].isna().all()  # missing, never zero
     assert "| 0/3 | missing |" in table and "| 3/3 | 52.0 ± 2.0 |" in table
+    assert "- erm a=0.1 d=16 seed=1: diverged" in table
     cells = pd.read_csv(tmp_path / "out" / "cells.csv")
-    assert (cells["state"] == "missing").sum() == len(grid.cells) - 4
+    assert (cells["state"] == "missing").sum() == len(grid.cells) - 5
+    assert "- `p1` (5 cells, commit abc, 1.0 min of wall time" in (tmp_path / "out" / "summary.md").read_text()
     assert (tmp_path / "out" / "gap_vs_agreement.png").is_file()
     # a page of `make report` when the results folder holds a comparison
     from shortcut_study.errors import UserError
@@ -169,10 +198,11 @@ def test_comparison_with_another_grid_in_the_same_storage_is_refused(sources, tm
 
     opts = CompareOptions(grid=load_grid(grid), cifar="c", mnist="m", storage=f"sqlite:///{tmp_path}/optuna.db")
     open_comparison(opts)
-    code = main(_compare(sources, tmp_path, grid, "--set", "seeds=0,1")[3:])
+    code = main(_compare(sources, tmp_path, grid, "--set", "agreements=0.1")[3:])
     assert code == 2
     err = capsys.readouterr().err
-    assert "already holds comparison 'tiny' with another grid (differs in seeds)" in err and "--set name=" in err
+    assert "already holds comparison 'tiny' with another grid (differs in agreements)" in err and "--set name=" in err
+    assert not (tmp_path / "out-cells").exists()  # a refused grid leaves no record of itself
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -206,3 +236,45 @@ def test_missing_grid_file_and_bad_set(tmp_path, capsys):
     assert "grid axis agreements: 'abc' is not a float" in capsys.readouterr().err
     assert main(["compare", "--grid", str(grid), "--cifar", str(tmp_path / "nope.tgz"), "--mnist", "m"]) == 2
     assert "--cifar" in capsys.readouterr().err
+
+
+def test_dfr_refits_the_erm_cells_model_instead_of_training(sources, tmp_path):
+    import torch
+
+    from shortcut_study.diagnostics import score_model
+    from shortcut_study.run import Run
+    from shortcut_study.train import finish_trained
+
+    grid = _grid(tmp_path, TINY_GRID.replace('"erm", "groupdro+shuffle"', '"erm", "dfr"')
+                 .replace("agreements = [0.1, 0.9]", "agreements = [0.9]").replace("digit_sizes = [16, 8]", "digit_sizes = [16]"))
+    assert main(_compare(sources, tmp_path, grid)[3:]) == 0
+    trials = _study(tmp_path).trials
+    assert [t.params["method"] for t in trials] == ["erm"]  # one training run for the two cells
+    records = {p.name.split("__")[0]: json.loads(p.read_text()) for p in (tmp_path / "out-cells").glob("*__seed*.json")}
+    assert set(records) == {"erm", "dfr"}
+    dfr = records["dfr"]
+    assert dfr["shared_run"] == "erm a=0.9 d=16 seed=0" and dfr["train_seconds"] == 0.0
+    # the record is DFR's refit of the ERM cell's selected model, scored on test
+    model, _ = Run(Path("studies") / "compare-tiny-seeds-0" / "cell-0000").load("cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = load_grid(grid).cell_config(_cell("dfr"))
+    data = next((tmp_path / "data").glob("strength-*/"))
+    refit = finish_trained(model, cfg, data)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the ERM model is left as it was
+    assert not torch.equal(refit.fc.weight.cpu(), model.fc.weight.cpu())  # only the last layer is refit
+    assert torch.equal(refit.conv1.weight.cpu(), model.conv1.weight.cpu())
+    scores = score_model(refit, cfg, data)[0]
+    assert dfr["test"]["acc"] == pytest.approx(scores["acc"]) and dfr["test"]["gap"] == pytest.approx(scores["gap"])
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+    assert set(summary["method"]) == {"erm", "dfr"} and (summary["seeds_done"] == 1).all()
+    # a method that trains a model of its own cannot take another run's
+    from shortcut_study.errors import UserError
+
+    with pytest.raises(UserError, match="method groupdro trains a model of its own"):
+        finish_trained(model, load_grid(grid, ["methods=erm,groupdro"]).cell_config(_cell("groupdro")), data)
+
+
+def _cell(method: str):
+    from shortcut_study.compare import Cell
+
+    return Cell(method, 0.9, 16, 0)

@@ -61,6 +61,10 @@ class Method:
     # Where the method needs group labels ((class, digit), `train.groups`): "train" (in training),
     # "val" (to fit on held-out data) or None (never).
     uses_groups: ClassVar[str | None] = None
+    # True when the method trains as ERM does and is only its `finish` (DFR's last-layer refit): it
+    # can then be applied to an ERM model trained elsewhere (`train.finish_trained`, the strength
+    # grid's shared ERM cell) instead of training again.
+    post_hoc: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, hp: dict[str, Any], ctx: TrainContext) -> None:
         self.model, self.hp, self.ctx = model, hp, ctx

@@ -101,6 +101,7 @@ class DFR(Method):
                           help="refits on group-balanced subsamples whose coefficients are averaged"),
     }
     uses_groups = "val"  # to balance the refit's groups and to score C by worst group
+    post_hoc = True  # its training is ERM's, its loss ERM's: the method is the refit
     held_out_fraction = 0.5
 
     def __init__(self, model, hp, ctx: TrainContext) -> None:

@@ -1,0 +1,65 @@
+"""Results measured in parts: some seeds or cells today, the rest on another day or machine.
+
+Every finished run leaves one JSON record, written atomically and named by what it measured, that
+holds the part which ran it, that part's machine line and commit, its start and end, and its
+training losses. A table is aggregated from the records alone (committed with the results), never
+only from a live database, and says which parts it holds. The benchmark (`benchmark.py`) and the
+strength study (`compare.py`) both keep their runs this way.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import socket
+from pathlib import Path
+from typing import Any
+
+from .errors import read_json, write_text_atomic
+
+
+def default_part_name() -> str:
+    """What a command measures when it is not named: the host and the date."""
+    return f"{socket.gethostname()}-{dt.date.today():%Y%m%d}"
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    write_text_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def read_records(folder: Path, what: str, pattern: str = "*.json") -> list[dict[str, Any]]:
+    """Every record in `folder` (none when it does not exist yet)."""
+    return [read_json(p, what, "remove it, or rerun the part that wrote it") for p in sorted(folder.glob(pattern))]
+
+
+def losses_of(history: list[dict[str, Any]]) -> dict[str, float]:
+    """The training-loss fields `not_converged` judges, from a run's per-epoch history."""
+    losses = [h["train_loss"] for h in history]
+    return {"train_loss_first": losses[0], "train_loss_last": losses[-1], "train_loss_max": max(losses)}
+
+
+def not_converged(record: dict[str, Any]) -> str | None:
+    """Why a run is a recipe defect rather than a data point, or None: its training loss ended
+    above its first epoch's, or rose above it on the way (a spike it may have come back from with
+    the model at chance: a loss that ends lower says nothing about the epochs between)."""
+    if record["train_loss_last"] > record["train_loss_first"]:
+        return "diverged"
+    if record.get("train_loss_max", -math.inf) > record["train_loss_first"]:
+        return "loss spiked"
+    return None
+
+
+def part_lines(records: list[dict[str, Any]], unit: str) -> list[str]:
+    """A line per part: its runs, commit, wall time from its first run's start to its last one's
+    end, summed training time, and the machine it ran on."""
+    parts: dict[str, dict[str, Any]] = {}
+    for r in records:
+        p = parts.setdefault(r["part"], {"machine": r["machine"], "runs": 0, "seconds": 0.0, "start": r["started"],
+                                         "end": r["ended"], "commit": r["commit"]})
+        p["runs"] += 1
+        p["seconds"] += r["train_seconds"]
+        p["start"], p["end"] = min(p["start"], r["started"]), max(p["end"], r["ended"])
+    return [f"- `{name}` ({p['runs']} {unit}, commit {p['commit']}, {(p['end'] - p['start']) / 60:.1f} min of wall "
+            f"time from its first run's start to its last one's end, {p['seconds'] / 60:.1f} min of training): "
+            f"{p['machine']}" for name, p in sorted(parts.items())] or ["- none yet"]
