@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .config import Config, make_config
+from .config import Config, GeometryConfig, make_config
 from .diagnostics import score_run
 from .errors import UserError, atomic_path, require_writable, write_text_atomic
 from .metrics import METRICS, gap_interval
@@ -195,7 +195,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def train_flops_per_image(canvas: int = 40) -> float:
+def train_flops_per_image(canvas: int = GeometryConfig.canvas) -> float:
     """Arithmetic of one training image: the CNN's forward multiply-adds (x2), times 3 for the
     backward pass (gradients of inputs and of weights)."""
     from torch import nn
@@ -218,7 +218,7 @@ def train_flops_per_image(canvas: int = 40) -> float:
     return 3 * total[0]
 
 
-def peak_images_per_s(bf16: bool, canvas: int = 40) -> float:
+def peak_images_per_s(bf16: bool, canvas: int = GeometryConfig.canvas) -> float:
     """What the CPU's peak arithmetic would allow: cores x clock x FLOPs per cycle (two FMA units of
     the detected vector width; bf16 dot products double it) / FLOPs per training image. An upper
     bound no real loop reaches (memory traffic, batch norm, pooling)."""

@@ -135,13 +135,17 @@ def test_killed_cell_is_failed_and_rerun(sources, tmp_path):
     assert done.returncode == 0, done.stderr
     trials = _study(tmp_path).trials
     complete = [json.dumps(t.params, sort_keys=True) for t in trials if t.state == TrialState.COMPLETE]
-    assert len(complete) == 2 and len(set(complete)) == 2
     failed = [t for t in trials if t.state == TrialState.FAIL]
-    assert len(failed) == 1  # the killed cell, failed after its grace and run again
-    assert not failed[0].params or json.dumps(failed[0].params, sort_keys=True) in complete
+    assert len(failed) == 1 and len(set(complete)) == len(complete)  # the killed cell failed; none ran twice
+    killed = json.dumps(failed[0].params, sort_keys=True) if failed[0].params else None
+    # The killed cell ran again, unless the kill landed after its record was written (a tiny cell
+    # can finish in the instant before): then what it finished is kept, not trained again.
+    recorded = {p.name for p in (tmp_path / "out-cells").glob("*__seed*.json")}
+    assert len(recorded) == 2
+    assert len(complete) == 2 or (len(complete) == 1 and killed is not None and killed not in complete)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["compare-tiny"], filter_string="tags.role = 'cell'")
-    assert sorted(runs["status"]) == ["FAILED", "FINISHED", "FINISHED"]
+    assert sorted(runs["status"]) == ["FAILED"] + ["FINISHED"] * len(complete)
 
 
 def test_aggregation_shows_missing_cells_as_missing(tmp_path):
