@@ -30,6 +30,7 @@ import math
 import statistics
 import time
 import tomllib
+from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -427,7 +428,8 @@ def _record_key(path: Path) -> dict[str, Any]:
         return {}  # unreadable: not finished (the aggregation names it)
 
 
-def next_cell(study: optuna.Study, grid: Grid, since: float = 0.0, recorded: set[Cell] = frozenset()) -> optuna.Trial | None:
+def next_cell(study: optuna.Study, grid: Grid, since: float = 0.0,
+              recorded: AbstractSet[Cell] = frozenset()) -> optuna.Trial | None:
     """The next cell to run (called with the claim held), or None when every cell is finished or
     running: a cell no trial has had yet, picked by the GridSampler (or, when another part finished
     cells this storage never saw, `recorded`, the first cell left); else a cell whose trial failed,
