@@ -108,12 +108,14 @@ class Grid:
     @property
     def trained_cells(self) -> list[Cell]:
         """The cells that are trials: one training run each (a derived cell comes with its base's)."""
-        return [c for c in self.cells if c.method not in self.derived]
+        derived = self.derived
+        return [c for c in self.cells if c.method not in derived]
 
     @property
     def cell_choices(self) -> dict[str, list[Any]]:
         """Each cell parameter's values, as the cell sampler draws them."""
-        return {"method": [m for m in self.methods if m not in self.derived], "agreement": list(self.agreements),
+        derived = self.derived
+        return {"method": [m for m in self.methods if m not in derived], "agreement": list(self.agreements),
                 "digit_size": list(self.digit_sizes), "seed": list(self.seeds)}
 
     def fingerprint(self) -> dict[str, Any]:
@@ -562,7 +564,8 @@ def write_results(grid: Grid, out: Path, study: optuna.Study | None = None, pare
     import matplotlib.pyplot as plt
 
     out = require_writable(out, "folder")
-    records = [r for r in read_records(cells_dir(out), "comparison cell", "*__seed*.json") if _cell_of(r) in set(grid.cells)]
+    in_grid = set(grid.cells)
+    records = [r for r in read_records(cells_dir(out), "comparison cell", "*__seed*.json") if _cell_of(r) in in_grid]
     trials = study.get_trials(deepcopy=False) if study is not None else []
     cells = cell_table(records, trials, [c.params for c in grid.cells])
     summary = seed_summary(cells, len(grid.seeds))
