@@ -392,7 +392,33 @@ def _one_line(text: str) -> str:
     return " ".join(text.split()).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def _interrupted(exc: BaseException) -> bool:
+    """Whether Ctrl-C caused this exception. Python 3.11 re-raises an interrupt that lands inside a
+    class body's `__set_name__` (an import, say of torchvision) as a RuntimeError caused by it."""
+    while exc is not None:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    # Ctrl-C can land inside a constructor (tqdm's, say); the half-built object's finaliser then
+    # fails as it is collected, and Python prints that as a traceback. After an interrupt that is noise.
+    sys.unraisablehook = lambda unraisable: None
+    raise KeyboardInterrupt
+
+
+def _catch_interrupts() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _catch_interrupts()
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2, one line printed by _Parser)
@@ -415,7 +441,9 @@ def main(argv: list[str] | None = None) -> int:
                else exc.strerror or str(exc))
         print(f"error: {_one_line(f'cannot read or write {where}: {why}')}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RuntimeError) as exc:
+        if not _interrupted(exc):
+            raise
         print("interrupted", file=sys.stderr)
         return 130
     return 0

@@ -508,6 +508,33 @@ def test_ctrl_c_at_any_moment_of_a_rebuild_leaves_the_old_or_the_new_dataset_who
         seen.add("new" if got == new else "old")
 
 
+def test_ctrl_c_during_an_import_is_an_interruption_not_a_traceback(monkeypatch, capsys):
+    """Ctrl-C that lands while a class body is being created (as during `import torchvision`):
+    Python 3.11 re-raises it from `__set_name__` as a RuntimeError caused by the interrupt.
+    The command still says `interrupted` and exits 130; any other RuntimeError stays a bug."""
+    import shortcut_study.cli as cli
+
+    class Interrupts:
+        def __set_name__(self, owner, name):
+            raise KeyboardInterrupt
+
+    def import_interrupted(args):
+        class Library:  # noqa: F841 (its creation is the point)
+            field = Interrupts()
+
+    monkeypatch.setattr(cli, "cmd_data_build", import_interrupted)
+    assert main(["data", "build", "--cifar", "c", "--mnist", "m", "--out", "x"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "interrupted" and "Traceback" not in err
+
+    def a_bug(args):
+        raise RuntimeError("a real bug")
+
+    monkeypatch.setattr(cli, "cmd_data_build", a_bug)
+    with pytest.raises(RuntimeError, match="a real bug"):
+        main(["data", "build", "--cifar", "c", "--mnist", "m", "--out", "x"])
+
+
 def _fill(disk: Path, leave: int) -> None:
     (disk / "filler").write_bytes(b"\0" * max(shutil.disk_usage(disk).free - leave, 0))
 
