@@ -297,7 +297,7 @@ def load_chosen(opts: BenchmarkOptions) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     tree = read_json(path, "benchmark choice", "remove it, or rerun the part that wrote it")
-    differs = fingerprint_differences(tree.get("fingerprint") or {}, json.loads(json.dumps(opts.spec.fingerprint())))
+    differs = fingerprint_differences(tree.get("fingerprint") or {}, opts.spec.fingerprint())
     if differs:
         raise UserError(f"{path} was written by another benchmark (differs in {', '.join(differs)[:200]}) — give "
                         "another --out or remove it to search again")
@@ -415,7 +415,7 @@ def _choose(opts: BenchmarkOptions, studies: dict[str, optuna.Study]) -> dict[st
                 search.append({"method": method, "setting": t.params["job"], "params": t.user_attrs["params"],
                                **{k: t.user_attrs.get(k) for k in t.user_attrs if k.startswith("select_")},
                                "train_seconds": t.user_attrs.get("train_seconds")})
-    tree = {"fingerprint": json.loads(json.dumps(opts.spec.fingerprint())), "chosen": chosen, "search": search}
+    tree = {"fingerprint": opts.spec.fingerprint(), "chosen": chosen, "search": search}
     write_text_atomic(opts.out / CHOSEN_FILE, json.dumps(tree, indent=2, sort_keys=True) + "\n")
     return tree
 

@@ -117,6 +117,9 @@ def cmd_compare(args: argparse.Namespace) -> None:
     if args.aggregate:
         print(aggregate(opts))
         return
+    if not (args.cifar and args.mnist):
+        raise UserError("compare builds its datasets from --cifar and --mnist: give both "
+                        "(only --aggregate works without them)")
     if _spawned(args, "compare"):
         print(aggregate(opts))
         return
@@ -309,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="the shortcut-strength study: methods x agreement x digit size x seeds, "
                        "aggregated with error bars and plotted")
     p.add_argument("--grid", default="experiments/compare.toml", help="the grid's TOML file (or a name under experiments/)")
-    p.add_argument("--cifar", required=True, help="CIFAR-10 source, as for `data build`")
-    p.add_argument("--mnist", required=True, help="MNIST source, as for `data build`")
+    p.add_argument("--cifar", help="CIFAR-10 source, as for `data build` (not needed with --aggregate)")
+    p.add_argument("--mnist", help="MNIST source, as for `data build` (not needed with --aggregate)")
     p.add_argument("--download", action="store_true", help="fetch missing sources with torchvision (online)")
     p.add_argument("--data-root", default="data", help="where each cell's dataset is cached (by a hash of its build)")
     p.add_argument("--storage", help="Optuna storage shared by every process of the comparison (default: the sweep's)")

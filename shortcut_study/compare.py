@@ -356,7 +356,7 @@ def open_comparison(opts: CompareOptions, create: bool = True) -> optuna.Study |
     """The comparison's study, made by the first process (with `create=False`, None when the storage
     has none); refused if the storage holds a comparison of this name with another grid."""
     storage = open_storage(opts.storage)
-    fingerprint = json.loads(json.dumps(opts.grid.fingerprint()))  # as it reads back from storage
+    fingerprint = opts.grid.fingerprint()
     # One seed for every process: the sampler shuffles the grid by it, and a trial's grid id must
     # name the same cell in every process.
     sampler = CellSampler(opts.grid.cell_choices, seed=0)
@@ -389,7 +389,7 @@ def check_cells_dir(opts: CompareOptions, create: bool) -> None:
     less the seeds, which parts split) is written by the first part and must match in every later
     one, so records of another recipe or choice are never merged into one table."""
     path = opts.cells_dir / GRID_FILE
-    ours = json.loads(json.dumps({k: v for k, v in opts.grid.fingerprint().items() if k != "seeds"}))
+    ours = {k: v for k, v in opts.grid.fingerprint().items() if k != "seeds"}
     if path.is_file():
         differs = fingerprint_differences(read_json(path, "comparison cell folder", f"remove {opts.cells_dir}"), ours)
         if differs:

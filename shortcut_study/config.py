@@ -433,11 +433,18 @@ def make_config(preset: str | None = None, sets: list[str] | None = None,
     return cfg.validate()
 
 
-def fingerprint_differences(recorded: Any, current: Any, where: str = "") -> list[str]:
+def fingerprint_differences(recorded: Any, current: Any) -> list[str]:
     """Where a recorded fingerprint (a study's, a results file's) and the current one differ, nested
-    tables descended ("final/train.lr"). A config knob the record predates counts as holding its
-    default: a knob is added with the default that keeps the old behaviour, so what was measured
-    before it existed stays comparable (and a non-default value of it is a difference)."""
+    tables descended ("final/train.lr"). `current` is compared as it would read back from JSON
+    (tuples as lists), the form every record is in. A config knob the record predates counts as
+    holding its default: a knob is added with the default that keeps the old behaviour, so what was
+    measured before it existed stays comparable (and a non-default value of it is a difference)."""
+    import json
+
+    return _differences(recorded, json.loads(json.dumps(current)), "")
+
+
+def _differences(recorded: Any, current: Any, where: str) -> list[str]:
     if not (isinstance(recorded, dict) and isinstance(current, dict)):
         return [] if recorded == current else [where or "value"]
     differs = []
@@ -448,7 +455,7 @@ def fingerprint_differences(recorded: Any, current: Any, where: str = "") -> lis
         if key not in recorded or key not in current:
             differs.append(name)
         else:
-            differs += fingerprint_differences(recorded[key], current[key], name)
+            differs += _differences(recorded[key], current[key], name)
     return differs
 
 

@@ -12,7 +12,6 @@ its parameters again. Hosts are assumed to keep their clocks in sync (NTP) to we
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import threading
@@ -262,7 +261,6 @@ def shared_study(storage: optuna.storages.BaseStorage, name: str, key: str, made
     study is for: an objective, a grid, a benchmark) under `key` and runs `on_create` once (the
     database's unique name decides, however many workers start together). Returns the study and
     where its creator's record differs from `made_for` (`fingerprint_differences`; empty = the same)."""
-    made_for = json.loads(json.dumps(made_for))  # as it reads back from storage
     try:
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize", **study_args)
         study.set_user_attr(key, made_for)

@@ -50,8 +50,9 @@ def _grid(tmp_path: Path, text: str = TINY_GRID) -> Path:
 
 
 def _compare(sources, tmp_path: Path, grid: Path, *extra: str, db: str = "optuna.db") -> list[str]:
-    return [sys.executable, "-m", "shortcut_study.cli", "compare", "--grid", str(grid),
-            "--cifar", str(sources["cifar_tgz"]), "--mnist", str(sources["mnist_tgz"]),
+    """The command; `sources=None` leaves out --cifar / --mnist."""
+    given = [] if sources is None else ["--cifar", str(sources["cifar_tgz"]), "--mnist", str(sources["mnist_tgz"])]
+    return [sys.executable, "-m", "shortcut_study.cli", "compare", "--grid", str(grid), *given,
             "--storage", f"sqlite:///{tmp_path}/{db}", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
             "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "out"), *extra]
 
@@ -111,7 +112,8 @@ def test_two_processes_share_a_grid_each_cell_once_tracked_aggregated_and_plotte
     second = subprocess.run(_compare(sources, tmp_path, grid, "--set", "seeds=1", "--part", "second", db="b.db"),
                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr
-    merged = subprocess.run(_compare(sources, tmp_path, grid, "--set", "seeds=0,1", "--aggregate", db="none.db"),
+    # (aggregating reads the records only: no sources, no storage)
+    merged = subprocess.run(_compare(None, tmp_path, grid, "--set", "seeds=0,1", "--aggregate", db="none.db"),
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert merged.returncode == 0, merged.stderr
     summary = pd.read_csv(out / "summary.csv")
@@ -124,6 +126,10 @@ def test_two_processes_share_a_grid_each_cell_once_tracked_aggregated_and_plotte
                            capture_output=True, text=True, timeout=300)
     assert other.returncode == 2 and "holds cells of another grid (differs in recipe/train.epochs)" in other.stderr
     assert other.stderr.count("\n") == 1 and not (tmp_path / "c.db").exists()
+    # training a cell needs the sources
+    unbuilt = subprocess.run(_compare(None, tmp_path, grid, "--set", "seeds=2", db="d.db"), cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    assert unbuilt.returncode == 2 and "give both" in unbuilt.stderr and unbuilt.stderr.count("\n") == 1
 
 
 def test_killed_cell_is_failed_and_rerun(sources, tmp_path):
