@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from .config import SELECT_METRICS
-from .errors import UserError, disk_full
+from .errors import UserError, disk_full, interrupts_unwrapped
 
 
 def _add_set_arg(p: argparse.ArgumentParser, example: str = "train.lr=0.05") -> None:
@@ -395,16 +395,6 @@ def _one_line(text: str) -> str:
     return " ".join(text.split()).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _interrupted(exc: BaseException) -> bool:
-    """Whether Ctrl-C caused this exception. Python 3.11 re-raises an interrupt that lands inside a
-    class body's `__set_name__` (an import, say of torchvision) as a RuntimeError caused by it."""
-    while exc is not None:
-        if isinstance(exc, KeyboardInterrupt):
-            return True
-        exc = exc.__cause__
-    return False
-
-
 def _on_sigint(signum: int, frame: object) -> None:
     # Ctrl-C can land inside a constructor (tqdm's, say); the half-built object's finaliser then
     # fails as it is collected, and Python prints that as a traceback. After an interrupt that is noise.
@@ -432,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     # Library warnings (torch, sklearn, mlflow) are for developers; a user sees results or one error line.
     warnings.filterwarnings("ignore")
     try:
-        args.func(args)
+        with interrupts_unwrapped():
+            args.func(args)
     except UserError as exc:
         print(f"error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
@@ -444,9 +435,7 @@ def main(argv: list[str] | None = None) -> int:
                else exc.strerror or str(exc))
         print(f"error: {_one_line(f'cannot read or write {where}: {why}')}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, RuntimeError) as exc:
-        if not _interrupted(exc):
-            raise
+    except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     return 0

@@ -8,6 +8,7 @@ logged to MLflow with each run.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import tomllib
@@ -439,8 +440,6 @@ def fingerprint_differences(recorded: Any, current: Any) -> list[str]:
     (tuples as lists), the form every record is in. A config knob the record predates counts as
     holding its default: a knob is added with the default that keeps the old behaviour, so what was
     measured before it existed stays comparable (and a non-default value of it is a difference)."""
-    import json
-
     return _differences(recorded, json.loads(json.dumps(current)), "")
 
 
@@ -464,6 +463,4 @@ _MISSING = object()
 
 def _knob_defaults() -> dict[str, Any]:
     """Every config knob's default, as it reads back from JSON (a fingerprint's form)."""
-    import json
-
     return json.loads(json.dumps(Config().flat()))

@@ -25,6 +25,22 @@ class UserError(Exception):
     """Bad input or configuration: the message is shown to the user as it is."""
 
 
+@contextlib.contextmanager
+def interrupts_unwrapped() -> Iterator[None]:
+    """Ctrl-C inside the block leaves it as a KeyboardInterrupt, also where Python wrapped it:
+    3.11 re-raises an interrupt that lands in a class body's `__set_name__` (an import, say of
+    torchvision) as a RuntimeError caused by it. Any other exception passes unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, KeyboardInterrupt):
+            cause = cause.__cause__
+        if cause is not None:
+            raise KeyboardInterrupt from exc
+        raise
+
+
 def disk_full(exc: BaseException) -> bool:
     """A write that failed because the disk is full: ENOSPC, or torch.save's RuntimeError from its
     zip writer ("unexpected pos" / "enforce fail"), which hides the errno."""

@@ -27,7 +27,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from .config import fingerprint_differences
-from .errors import UserError
+from .errors import UserError, interrupts_unwrapped
 from .storage import ClaimLock, storage_unreachable
 
 # Optuna's retry callback is marked experimental, but it is Optuna's documented pattern.
@@ -349,7 +349,8 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, run_trial: Callable[[optu
     with heartbeat(study, trial._trial_id, settings.heartbeat):  # noqa: SLF001
         claim.release()  # the trial exists and beats: the next worker may count and claim
         try:
-            value, state = run_trial(trial), TrialState.COMPLETE
+            with interrupts_unwrapped():  # a wrapped Ctrl-C stops the worker, not only this trial
+                value, state = run_trial(trial), TrialState.COMPLETE
             fault_point("run_finished_untold")  # the MLflow run has ended FINISHED; Optuna does not know yet
             if not math.isfinite(value):
                 state, error = TrialState.FAIL, f"objective is {value}"

@@ -508,21 +508,25 @@ def test_ctrl_c_at_any_moment_of_a_rebuild_leaves_the_old_or_the_new_dataset_who
         seen.add("new" if got == new else "old")
 
 
+class _InterruptsWhenNamed:
+    def __set_name__(self, owner, name):
+        raise KeyboardInterrupt
+
+
+def _interrupted_import(*_: object) -> float:
+    """Ctrl-C landing while a class body is created, as during `import torchvision`."""
+    class Library:  # noqa: F841 (its creation is the point)
+        field = _InterruptsWhenNamed()
+    return 0.0
+
+
 def test_ctrl_c_during_an_import_is_an_interruption_not_a_traceback(monkeypatch, capsys):
     """Ctrl-C that lands while a class body is being created (as during `import torchvision`):
     Python 3.11 re-raises it from `__set_name__` as a RuntimeError caused by the interrupt.
     The command still says `interrupted` and exits 130; any other RuntimeError stays a bug."""
     import shortcut_study.cli as cli
 
-    class Interrupts:
-        def __set_name__(self, owner, name):
-            raise KeyboardInterrupt
-
-    def import_interrupted(args):
-        class Library:  # noqa: F841 (its creation is the point)
-            field = Interrupts()
-
-    monkeypatch.setattr(cli, "cmd_data_build", import_interrupted)
+    monkeypatch.setattr(cli, "cmd_data_build", _interrupted_import)
     assert main(["data", "build", "--cifar", "c", "--mnist", "m", "--out", "x"]) == 130
     err = capsys.readouterr().err
     assert err.strip() == "interrupted" and "Traceback" not in err
@@ -533,6 +537,26 @@ def test_ctrl_c_during_an_import_is_an_interruption_not_a_traceback(monkeypatch,
     monkeypatch.setattr(cli, "cmd_data_build", a_bug)
     with pytest.raises(RuntimeError, match="a real bug"):
         main(["data", "build", "--cifar", "c", "--mnist", "m", "--out", "x"])
+
+
+def test_ctrl_c_wrapped_during_a_trial_stops_the_worker(tmp_path):
+    """The same wrapped Ctrl-C inside a trial (a cell imports torchvision to build its data) stops
+    the worker and fails the trial, as a plain Ctrl-C does; it is not a failed trial to move past."""
+    import math
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from shortcut_study.storage import ClaimLock, open_storage
+    from shortcut_study.trials import WorkerSettings, run_shared_trials
+
+    url = f"sqlite:///{tmp_path}/o.db"
+    study = optuna.create_study(study_name="s", storage=open_storage(url))
+    settings = WorkerSettings(experiment_id="0", heartbeat=60, grace=120, deadline=math.inf, storage=url)
+    with pytest.raises(KeyboardInterrupt):
+        run_shared_trials(study, ClaimLock(url, "s"), lambda st: st.ask() if not st.trials else None,
+                          _interrupted_import, settings, after_trial=lambda t: None)
+    assert [t.state for t in study.trials] == [TrialState.FAIL]
 
 
 def _fill(disk: Path, leave: int) -> None:
