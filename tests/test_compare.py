@@ -183,6 +183,7 @@ def test_aggregation_shows_missing_cells_as_missing(tmp_path):
     assert (none["seeds_done"] == 0).all() and none["acc_mean"].isna().all()  # missing, never zero
     assert "| 0/3 | missing |" in table and "| 3/3 | 52.0 ± 2.0 |" in table
     assert "- erm a=0.1 d=16 seed=1: diverged" in table
+    assert "- erm, 16 px, agreement 0.1: overall 40.0 over 1 seed(s) — the recipe's bar, ≥ 75 %, is NOT met" in table
     cells = pd.read_csv(tmp_path / "out" / "cells.csv")
     assert (cells["state"] == "missing").sum() == len(grid.cells) - 5
     assert "- `p1` (5 cells, commit abc, 1.0 min of wall time" in (tmp_path / "out" / "summary.md").read_text()
