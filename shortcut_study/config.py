@@ -232,6 +232,10 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 = off; else evaluate an exponential moving average of weights
     # Lookahead (lookahead.py): 0 = off; else the per-step decay of the slow weights (airbench: 0.95)
     lookahead: float = 0.0
+    # Gradient clipping: 0 = off; else the largest global gradient norm (over every trained
+    # parameter) a step applies, as torch.nn.utils.clip_grad_norm_ scales it. A step whose norm is
+    # within the bound is left exactly as it was; the epochs' `clipped_steps` say when it acted.
+    grad_clip: float = 0.0
     # conv1's starting weights: default (PyTorch's) | whiten (the training patches' principal
     # directions, both signs, scaled to unit variance; see whiten.py)
     init: str = "whiten"
@@ -277,6 +281,7 @@ class TrainConfig:
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "in [0, 1)")
         _check(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "in [0, 1)")
         _check(0 <= self.lookahead < 1, "train.lookahead", self.lookahead, "in [0, 1) (0 = off)")
+        _check(0 <= self.grad_clip < math.inf, "train.grad_clip", self.grad_clip, ">= 0 (0 = off)")
         _check(self.init in INIT_MODES, "train.init", self.init, f"one of {', '.join(INIT_MODES)}")
         METHODS.check(self.method)
         TTA.check(self.tta)

@@ -34,9 +34,11 @@ def read_records(folder: Path, what: str, pattern: str = "*.json") -> list[dict[
 
 
 def losses_of(history: list[dict[str, Any]]) -> dict[str, float]:
-    """The training-loss fields `not_converged` judges, from a run's per-epoch history."""
+    """The training-loss fields `not_converged` judges, from a run's per-epoch history, and the
+    steps whose gradient `train.grad_clip` scaled down (0: the run is what it would be unclipped)."""
     losses = [h["train_loss"] for h in history]
-    return {"train_loss_first": losses[0], "train_loss_last": losses[-1], "train_loss_max": max(losses)}
+    return {"train_loss_first": losses[0], "train_loss_last": losses[-1], "train_loss_max": max(losses),
+            "clipped_steps": sum(int(h.get("clipped_steps", 0)) for h in history)}
 
 
 def not_converged(record: dict[str, Any]) -> str | None:

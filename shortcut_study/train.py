@@ -140,16 +140,23 @@ def reference_batches(loader: torch.utils.data.DataLoader, train: SplitData, cfg
 # ---- the step -----------------------------------------------------------------------------------
 
 def train_step(method: Method, opt: torch.optim.Optimizer, batch: Batch, rt: Runtime,
-               sched: torch.optim.lr_scheduler.LRScheduler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step of `method` on `batch`; the detached loss and logits."""
+               sched: torch.optim.lr_scheduler.LRScheduler | None = None,
+               grad_clip: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step of `method` on `batch`: the detached loss and logits, and whether the
+    gradient was clipped (`grad_clip` > 0 and its global norm above it; a tensor, so the step
+    does not wait for the device)."""
     with rt.autocast():
         loss, logits = method.loss(batch.with_x(rt.prepare(batch.x)))
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    clipped = torch.zeros((), dtype=torch.bool, device=loss.device)
+    if grad_clip > 0:
+        params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        clipped = torch.nn.utils.clip_grad_norm_(params, grad_clip) > grad_clip
     opt.step()
     if sched is not None:
         sched.step()
-    return loss.detach(), logits.detach()
+    return loss.detach(), logits.detach(), clipped
 
 
 @dataclass
@@ -167,6 +174,7 @@ class Trainer:
     sched: torch.optim.lr_scheduler.LRScheduler | None = None
     lookahead: Lookahead | None = None
     loader: torch.utils.data.DataLoader | None = None  # the reference pipeline's plain shuffle
+    clipped_steps: int = 0  # steps of the last epoch whose gradient `train.grad_clip` scaled down
 
     def plan(self) -> None:
         """The schedule (and lookahead) over every optimizer step of the run, sized by the method's
@@ -197,13 +205,17 @@ class Trainer:
             self.plan()
         self.model.train()
         seen = 0
+        clipped = torch.zeros((), dtype=torch.long, device=self.rt.device)
         for batch in self.batches():
-            loss, logits = train_step(self.method, self.opt, batch, self.rt, self.sched)
+            loss, logits, was_clipped = train_step(self.method, self.opt, batch, self.rt, self.sched,
+                                                   self.cfg.train.grad_clip)
+            clipped += was_clipped
             if self.lookahead is not None:
                 self.lookahead.step()
             if on_step is not None:
                 on_step(loss, logits, batch)
             seen += len(batch)
+        self.clipped_steps = int(clipped)
         return seen
 
 
@@ -489,6 +501,7 @@ def fit(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = F
                   "lr": trainer.opt.param_groups[0]["lr"], "train_seconds": train_seconds,
                   "eval_seconds": time.perf_counter() - t1, "images_per_s": seen / train_seconds,
                   "prepare_seconds": prepare_seconds if epoch == 1 else 0.0,
+                  "clipped_steps": trainer.clipped_steps,
                   **{f"val_{k}": v for k, v in metrics.items() if k in METRICS}}
         progress.history.append(record)
         progress.epoch = epoch

@@ -157,7 +157,8 @@ def test_bad_config_values(dataset, tmp_path, capsys):
     for sets, message in ((["train.lr=-1"], "train.lr"), (["train.schedule=zigzag"], "train.schedule"),
                           (["train.nope=1"], "unknown config key"), (["train.epochs=ten"], "must be a int"),
                           (["augment.flip=sideways"], "augment.flip"), (["train.tta=sideways"], "train.tta"),
-                          (["train.init=pca"], "train.init"), (["train.lookahead=1"], "train.lookahead")):
+                          (["train.init=pca"], "train.init"), (["train.lookahead=1"], "train.lookahead"),
+                          (["train.grad_clip=-1"], "train.grad_clip"), (["train.grad_clip=nan"], "train.grad_clip")):
         assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), *sum((["--set", s] for s in sets), [])]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err

@@ -65,3 +65,26 @@ def test_onecycle_on_a_run_of_two_steps_trains(dataset, tmp_path):
     cfg = make_config(sets=["train.schedule=onecycle", "train.epochs=1", "train.subset=64", "train.batch_size=32",
                             "augment.digit_shuffle_p=0", "train.tta=none"])
     assert fit(cfg, dataset, tmp_path / "r", quiet=True).history
+
+
+def test_gradient_clipping_acts_only_above_its_bound_and_is_counted(dataset, tmp_path):
+    """A bound no step reaches leaves the run exactly as unclipped (same weights, bit for bit); a
+    bound every step exceeds clips every step, and each epoch's `clipped_steps` says so."""
+    base = ["train.batch_size=32", "train.epochs=2", "train.eval_batch_size=64", "train.precision=fp32",
+            "train.threads=1"]
+
+    def run(name: str, clip: str) -> tuple[dict, pd.DataFrame]:
+        fit(make_config(sets=[*base, f"train.grad_clip={clip}"]), dataset, tmp_path / name, quiet=True)
+        weights = torch.load(tmp_path / name / "last.pt", weights_only=False)["model"]
+        return weights, pd.read_csv(tmp_path / name / "history.csv")
+
+    plain, plain_hist = run("plain", "0")
+    loose, loose_hist = run("loose", "1e9")
+    tight, tight_hist = run("tight", "1e-6")
+    assert all(torch.equal(plain[k], loose[k]) for k in plain)
+    assert plain_hist["clipped_steps"].tolist() == [0, 0] and loose_hist["clipped_steps"].tolist() == [0, 0]
+    from shortcut_study.data.layout import load_split
+
+    steps = len(load_split(dataset, "train")) // 32
+    assert tight_hist["clipped_steps"].tolist() == [steps, steps]
+    assert not all(torch.equal(plain[k], tight[k]) for k in plain)
