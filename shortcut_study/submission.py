@@ -58,7 +58,7 @@ def recipe(cfg: Config) -> dict[str, object]:
                         "SGD with a cosine schedule — export a run trained that way")
     return {"epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr, "momentum": t.momentum,
             "weight_decay": t.weight_decay, "warmup_epochs": t.warmup_epochs, "label_smoothing": t.label_smoothing,
-            "digit_shuffle": cfg.augment.digit_shuffle_p, "digit_top": g.digit_top, "seed": t.seed}
+            "grad_clip": t.grad_clip, "digit_shuffle": cfg.augment.digit_shuffle_p, "digit_top": g.digit_top, "seed": t.seed}
 
 
 def code_files(cfg: Config) -> dict[str, str]:

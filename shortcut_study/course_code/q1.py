@@ -5,7 +5,7 @@ q1_model.pt and q1_test.txt.
 
 The recipe is the one the submitted model was trained with, written out as constants below: SGD
 with Nesterov momentum, weight decay (not on biases and batch-norm parameters), a cosine schedule
-after a linear warm-up, cross-entropy, and digit-patch shuffle — each training image gets, with
+after a linear warm-up, cross-entropy (its gradient norm clipped when `grad_clip` > 0), and digit-patch shuffle — each training image gets, with
 probability `digit_shuffle`, the digit strip (below the CIFAR image) of another image of its batch, so
 the digit no longer agrees with the label and the model has to read the CIFAR image. The tool that
 wrote this file trains faster (batches on the device, the flip applied to the CIFAR patch only, a
@@ -79,6 +79,8 @@ def main():
             loss = F.cross_entropy(model(x), y, label_smoothing=RECIPE["label_smoothing"])
             opt.zero_grad()
             loss.backward()
+            if RECIPE["grad_clip"] > 0:  # a step whose gradient norm exceeds it is scaled down to it
+                torch.nn.utils.clip_grad_norm_(model.parameters(), RECIPE["grad_clip"])
             opt.step()
             sched.step()
         acc = evaluate(model, val_loader)
