@@ -506,6 +506,7 @@ def summary_rows(runs: list[dict[str, Any]], spec: BenchmarkSpec) -> list[dict[s
                                    "seeds": len(spec.seeds), "params": mine[0]["params"] if mine else {},
                                    "setting": mine[0]["setting"] if mine else None,
                                    "not_converged": [f"{seed} ({why})" for seed, why in sorted(failed.items())],
+                                   "clipped_steps": sum(int(r.get("clipped_steps", 0)) for r in mine),
                                    "parts": sorted({r["part"] for r in mine})}
             trained = [r for r in mine if r["seed"] not in failed]
             for key, metric in METRICS.items():
@@ -533,15 +534,15 @@ def aggregate(out: Path, spec: BenchmarkSpec) -> str:
     flat = [{k: (json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v) for k, v in r.items()} for r in rows]
     with atomic_path(out / "benchmark.csv") as tmp:
         pd.DataFrame(flat).to_csv(tmp, index=False)
-    lines = ["| method | rule | seeds | " + " | ".join(METRICS[k].title for k in keys) + " | setting | not converged |",
-             "|" + "---|" * (5 + len(keys))]
+    lines = ["| method | rule | seeds | " + " | ".join(METRICS[k].title for k in keys) + " | setting | not converged | clipped steps |",
+             "|" + "---|" * (6 + len(keys))]
     for r in rows:
         label = r["method"] + (" (reference: knows where the digit is)" if r["method"] in spec.reference else "")
         params = ", ".join(f"{k.split('.', 1)[1]}={_short(v)}" for k, v in sorted(r["params"].items())) or "–"
         lines.append(f"| {label} | {r['rule']} | {r['seeds_done']}/{r['seeds']} | "
                      + " | ".join(_cell(r, k) for k in keys)
                      + f" | {r['setting'] if r['setting'] is not None else '–'}: {params} | "
-                     f"{', '.join(map(str, r['not_converged'])) or '–'} |")
+                     f"{', '.join(map(str, r['not_converged'])) or '–'} | {r['clipped_steps']} |")
     budget = (f"{spec.settings} settings per method on the search recipe (epochs selected by worst-group val), then "
               f"seeds {', '.join(map(str, spec.seeds))} of each chosen setting on the final recipe; rules: "
               f"{', '.join(spec.rules)}")
@@ -553,7 +554,8 @@ def aggregate(out: Path, spec: BenchmarkSpec) -> str:
         "`rule` is how the setting and the epoch were selected: `worst_group` by the worst (class, digit) cell of the "
         "crossed val, `worst_class` by the worst class (no attribute needed). `seeds` counts the seeds averaged; "
         "`not converged` names the others — a seed whose training loss ended above its first epoch's (diverged) or "
-        "rose above it on the way (loss spiked): a recipe defect, never averaged in.", "",
+        "rose above it on the way (loss spiked): a recipe defect, never averaged in. `clipped steps`: the optimizer "
+        "steps of those seeds whose gradient norm `train.grad_clip` scaled down (0: trained as without it).", "",
         f"Budget: {budget}. Search recipe: preset `{spec.preset}`, {search.epochs} epochs, "
         f"{search.subset or 'all'} training images. Final recipe: {final.epochs} epochs, {final.subset or 'all'} images.",
         "", *lines, "", "Parts:", *part_lines(runs, "seed runs"), ""])

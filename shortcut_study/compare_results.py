@@ -59,7 +59,7 @@ def cell_table(records: list[dict[str, Any]], trials: list[optuna.trial.FrozenTr
                                "not_converged": (not_converged(record) or "") if record else ""}
         for metric in METRICS:
             row[metric] = float(record["test"].get(metric, math.nan)) if record else math.nan
-        for key2 in ("seconds", "rarest_cell", "part"):
+        for key2 in ("seconds", "rarest_cell", "part", "clipped_steps"):
             row[key2] = record.get(key2) if record else None
         rows.append(row)
     return pd.DataFrame(rows)
@@ -122,6 +122,9 @@ def summary_markdown(summary: pd.DataFrame, cells: pd.DataFrame, weakest: float)
     done = int((cells["state"] == "complete").sum())
     rarest = cells.dropna(subset=["rarest_cell"]).groupby(["agreement", "digit_size"])["rarest_cell"].min()
     rarest_lines = [f"- agreement {a:g}, digit {d} px: {int(n)}" for (a, d), n in rarest.items()]
+    clipped = cells[cells["clipped_steps"].fillna(0) > 0]
+    clipped_lines = [f"- {r['method']} a={r['agreement']:g} d={r['digit_size']} seed={r['seed']}: "
+                     f"{int(r['clipped_steps'])}" for _, r in clipped.iterrows()]
     rose = cells[cells["not_converged"].fillna("") != ""]
     rose_lines = [f"- {r['method']} a={r['agreement']:g} d={r['digit_size']} seed={r['seed']}: {r['not_converged']}"
                   for _, r in rose.iterrows()]
@@ -133,7 +136,9 @@ def summary_markdown(summary: pd.DataFrame, cells: pd.DataFrame, weakest: float)
                         if rarest_lines else []),
                       "", "Cells whose training loss ended or rose above its start (a recipe defect, not a result; "
                       "not averaged in): "
-                      + ("none" if not rose_lines else ""), *rose_lines])
+                      + ("none" if not rose_lines else ""), *rose_lines,
+                      "", "Cells with optimizer steps whose gradient norm `train.grad_clip` scaled down (the others "
+                      "trained as without it): " + ("none" if not clipped_lines else ""), *clipped_lines])
 
 
 def strength_figures(summary: pd.DataFrame) -> dict[str, Any]:

@@ -249,7 +249,7 @@ def build_trainer(cfg: Config, train: SplitData, rt: Runtime, data_dir: str | Pa
     name = method or t.method
     hp = cfg.method if name == t.method else {k: p.default for k, p in METHODS[name].hparams.items()}
     ctx = TrainContext(cfg=cfg, train=train, rt=rt, data_dir=str(data_dir), new_model=new_model,
-                       train_erm=lambda n, recipe: _train_plain(recipe, train, rt, data_dir, n, new_model),
+                       train_erm=lambda n, recipe: _train_plain(recipe, train, rt, data_dir, n, new_model, ctx),
                        predict=lambda m, images: predict_logits(m, images, rt, t.eval_batch_size, geom=cfg.geometry))
     m = METHODS[name](step_module(model, cfg), hp, ctx)
     opt = make_optimizer([*model.parameters(), *m.extra_parameters()], cfg)
@@ -257,13 +257,15 @@ def build_trainer(cfg: Config, train: SplitData, rt: Runtime, data_dir: str | Pa
 
 
 def _train_plain(cfg: Config, train: SplitData, rt: Runtime, data_dir: str | Path, epochs: int,
-                 new_model: Callable[[], CNN]) -> nn.Module:
+                 new_model: Callable[[], CNN], ctx: TrainContext) -> nn.Module:
     """A model trained with ERM on `cfg`'s recipe — its schedule over the run's `train.epochs` —
     stopped after `epochs` epochs: the epoch-`epochs` snapshot of an ERM run (JTT's identification
-    model, as anniesch/jtt takes it from an ERM run's checkpoint at epoch T)."""
+    model, as anniesch/jtt takes it from an ERM run's checkpoint at epoch T). Its clipped steps are
+    added to `ctx.clipped_steps` (the run that asked for it)."""
     trainer = build_trainer(cfg, train, rt, data_dir, method="erm", new_model=new_model)
     for _ in range(epochs):
         trainer.run_epoch()
+        ctx.clipped_steps += trainer.clipped_steps
     return trainer.model.eval()
 
 
@@ -501,7 +503,7 @@ def fit(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = F
                   "lr": trainer.opt.param_groups[0]["lr"], "train_seconds": train_seconds,
                   "eval_seconds": time.perf_counter() - t1, "images_per_s": seen / train_seconds,
                   "prepare_seconds": prepare_seconds if epoch == 1 else 0.0,
-                  "clipped_steps": trainer.clipped_steps,
+                  "clipped_steps": trainer.clipped_steps + (method.ctx.clipped_steps if epoch == 1 else 0),
                   **{f"val_{k}": v for k, v in metrics.items() if k in METRICS}}
         progress.history.append(record)
         progress.epoch = epoch

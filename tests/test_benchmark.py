@@ -162,14 +162,15 @@ def test_a_diverged_or_collapsed_seed_is_named_and_never_averaged_in():
 
     spec = load_spec(DEFAULT_SPEC, ["methods=erm", "reference=", "seeds=0,1,2,3", "rules=worst_group"])
 
-    def run(seed, acc, first=2.3, last=1.0, peak=None):
+    def run(seed, acc, first=2.3, last=1.0, peak=None, clipped=0):
         return {"row": "erm", "rule": "worst_group", "seed": seed, "part": "p", "params": {}, "setting": 0,
                 "train_loss_first": first, "train_loss_last": last, "train_loss_max": peak or first,
-                "val": {"acc": acc}, "test": {"acc": acc}}
+                "clipped_steps": clipped, "val": {"acc": acc}, "test": {"acc": acc}}
 
-    runs = [run(0, 60.0), run(1, 62.0), run(2, 10.3, last=2.4), run(3, 55.0, peak=2.7)]
+    runs = [run(0, 60.0, clipped=2), run(1, 62.0), run(2, 10.3, last=2.4), run(3, 55.0, peak=2.7)]
     row = summary_rows(runs, spec)[0]
     assert row["not_converged"] == ["2 (diverged)", "3 (loss spiked)"] and row["seeds_done"] == 2
+    assert row["clipped_steps"] == 2  # the steps the bound scaled, over the row's seeds
     assert row["acc_mean"] == 61.0  # the two seeds that trained
 
 

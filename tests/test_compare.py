@@ -159,16 +159,16 @@ def test_aggregation_shows_missing_cells_as_missing(tmp_path):
     from shortcut_study.compare import Cell
     from shortcut_study.parts import write_record
 
-    def record(cell, acc, aligned, conflicting, worst, gap, last=1.0):
+    def record(cell, acc, aligned, conflicting, worst, gap, last=1.0, clipped=0):
         write_record(cell_file(tmp_path / "out", cell), {
             **cell.params, "test": {"acc": acc, "aligned_acc": aligned, "conflicting_acc": conflicting,
                                     "worst_group_acc": worst, "gap": gap, "cf_gap": gap},
             "seconds": 3.0, "train_seconds": 2.0, "rarest_cell": 4, "train_loss_first": 2.3, "train_loss_last": last,
-            "train_loss_max": 2.3, "part": "p1", "machine": "a test machine", "commit": "abc", "started": 0.0,
+            "train_loss_max": 2.3, "clipped_steps": clipped, "part": "p1", "machine": "a test machine", "commit": "abc", "started": 0.0,
             "ended": 60.0})
 
     for seed, acc in ((0, 50.0), (1, 54.0), (2, 52.0)):  # one (method, agreement, size) with all seeds
-        record(Cell("erm", 0.9, 16, seed), acc, 90.0, acc - 5, 10.0, 95.0 - acc)
+        record(Cell("erm", 0.9, 16, seed), acc, 90.0, acc - 5, 10.0, 95.0 - acc, clipped=3 if seed == 2 else 0)
     record(Cell("erm", 0.1, 16, 0), 40.0, 40.0, 40.0, 30.0, 0.0)  # one seed of another
     record(Cell("erm", 0.1, 16, 1), 10.0, 10.0, 10.0, 0.0, 0.0, last=2.5)  # diverged: named, not averaged in
     study = optuna.create_study(study_name="compare-tiny", storage=f"sqlite:///{tmp_path}/o.db", direction="maximize")
@@ -183,6 +183,7 @@ def test_aggregation_shows_missing_cells_as_missing(tmp_path):
     assert (none["seeds_done"] == 0).all() and none["acc_mean"].isna().all()  # missing, never zero
     assert "| 0/3 | missing |" in table and "| 3/3 | 52.0 ± 2.0 |" in table
     assert "- erm a=0.1 d=16 seed=1: diverged" in table
+    assert "scaled down (the others trained as without it): \n- erm a=0.9 d=16 seed=2: 3" in table
     assert "- erm, 16 px, agreement 0.1: overall 40.0 over 1 seed(s) — the recipe's bar, ≥ 75 %, is NOT met" in table
     cells = pd.read_csv(tmp_path / "out" / "cells.csv")
     assert (cells["state"] == "missing").sum() == len(grid.cells) - 5

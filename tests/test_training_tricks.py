@@ -88,3 +88,14 @@ def test_gradient_clipping_acts_only_above_its_bound_and_is_counted(dataset, tmp
     steps = len(load_split(dataset, "train")) // 32
     assert tight_hist["clipped_steps"].tolist() == [steps, steps]
     assert not all(torch.equal(plain[k], tight[k]) for k in plain)
+
+
+def test_clipped_steps_of_jtts_identification_run_count_with_the_first_epoch(dataset, tmp_path):
+    from shortcut_study.data.layout import load_split
+
+    cfg = make_config(sets=["train.batch_size=32", "train.epochs=2", "train.eval_batch_size=64", "train.threads=1",
+                            "train.grad_clip=1e-6", "train.method=jtt", "method.identify_epochs=1",
+                            "augment.digit_shuffle_p=0"])
+    fit(cfg, dataset, tmp_path / "jtt", quiet=True)
+    steps = len(load_split(dataset, "train")) // 32  # JTT's fixed epoch: N images, as every method's
+    assert pd.read_csv(tmp_path / "jtt" / "history.csv")["clipped_steps"].tolist() == [2 * steps, steps]

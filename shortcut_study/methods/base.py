@@ -41,6 +41,9 @@ class TrainContext:
     train_erm: Callable[[int, Config], nn.Module]
     # Logits of a model on uint8 images, in eval mode, no augmentation.
     predict: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    # Steps of the method's own trainings (JTT's identification model) whose gradient
+    # `train.grad_clip` scaled down: they count with the run's first epoch.
+    clipped_steps: int = 0
 
 
 def method(name: str) -> Callable[[type[Method]], type[Method]]:
