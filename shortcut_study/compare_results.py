@@ -7,6 +7,7 @@ is named, never averaged in. Plain data in, tables out: no grid object, no stora
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,12 @@ def _fmt(row: pd.Series, key: str) -> str:
     return text
 
 
+def _cell_lines(cells: pd.DataFrame, what: Callable[[pd.Series], Any]) -> list[str]:
+    """One Markdown list line per cell: its method, agreement, digit size, seed and `what`."""
+    return [f"- {r['method']} a={r['agreement']:g} d={r['digit_size']} seed={r['seed']}: {what(r)}"
+            for _, r in cells.iterrows()]
+
+
 def summary_markdown(summary: pd.DataFrame, cells: pd.DataFrame, weakest: float) -> str:
     """The table, the no-shortcut check at the `weakest` agreement, the rarest (class, digit) cell
     per dataset and the cells that did not converge."""
@@ -122,12 +129,8 @@ def summary_markdown(summary: pd.DataFrame, cells: pd.DataFrame, weakest: float)
     done = int((cells["state"] == "complete").sum())
     rarest = cells.dropna(subset=["rarest_cell"]).groupby(["agreement", "digit_size"])["rarest_cell"].min()
     rarest_lines = [f"- agreement {a:g}, digit {d} px: {int(n)}" for (a, d), n in rarest.items()]
-    clipped = cells[cells["clipped_steps"].fillna(0) > 0]
-    clipped_lines = [f"- {r['method']} a={r['agreement']:g} d={r['digit_size']} seed={r['seed']}: "
-                     f"{int(r['clipped_steps'])}" for _, r in clipped.iterrows()]
-    rose = cells[cells["not_converged"].fillna("") != ""]
-    rose_lines = [f"- {r['method']} a={r['agreement']:g} d={r['digit_size']} seed={r['seed']}: {r['not_converged']}"
-                  for _, r in rose.iterrows()]
+    clipped_lines = _cell_lines(cells[cells["clipped_steps"].fillna(0) > 0], lambda r: int(r["clipped_steps"]))
+    rose_lines = _cell_lines(cells[cells["not_converged"].fillna("") != ""], lambda r: r["not_converged"])
     return "\n".join([f"{done} of {len(cells)} cells finished; mean ± sd over seeds, 95 % Student-t interval in "
                       "brackets (two or more seeds). Test accuracy (%) on the unbiased test set.", "", *lines,
                       *(["", "No-shortcut cells (the gap should be zero within its interval; ERM should reach the recipe's bar):",
