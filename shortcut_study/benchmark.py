@@ -447,8 +447,9 @@ def benchmark(opts: BenchmarkOptions) -> str:
                             deadline=time.monotonic() + opts.timeout if opts.timeout else math.inf,
                             storage=opts.storage or DEFAULT_STORAGE, retry=False)
     since = time.time()
+    fewest, most = len(spec.rows()) * len(spec.seeds), len(seed_jobs(spec, list(spec.rows())))
     print(f"benchmark {spec.name}: {len(spec.methods)} methods x {spec.settings} settings, then "
-          f"{len(spec.rows()) * len(spec.seeds)}-{len(seed_jobs(spec, list(spec.rows())))} seed runs "
+          f"{fewest if fewest == most else f'{fewest}-{most}'} seed runs "
           f"(rules that choose the same setting share a run; {opts.part_name})", flush=True)
 
     def report(frozen: optuna.trial.FrozenTrial) -> None:
