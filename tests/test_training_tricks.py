@@ -1,4 +1,5 @@
-"""The speed levers of the training loop: whitened first-layer init, lookahead, evaluating every N epochs."""
+"""The levers of the training loop: whitened first-layer init, lookahead, evaluating every N epochs,
+gradient clipping."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from torch import nn
 
 from shortcut_study.augment import normalize
 from shortcut_study.config import make_config
+from shortcut_study.data.layout import load_split
 from shortcut_study.lookahead import Lookahead
 from shortcut_study.train import fit
 from shortcut_study.whiten import whiten_conv
@@ -59,9 +61,6 @@ def test_eval_every_scores_some_epochs_and_always_the_last(dataset, tmp_path):
 
 def test_onecycle_on_a_run_of_two_steps_trains(dataset, tmp_path):
     """F6: OneCycleLR on a very short run used to divide by zero."""
-    from shortcut_study.config import make_config
-    from shortcut_study.train import fit
-
     cfg = make_config(sets=["train.schedule=onecycle", "train.epochs=1", "train.subset=64", "train.batch_size=32",
                             "augment.digit_shuffle_p=0", "train.tta=none"])
     assert fit(cfg, dataset, tmp_path / "r", quiet=True).history
@@ -83,16 +82,12 @@ def test_gradient_clipping_acts_only_above_its_bound_and_is_counted(dataset, tmp
     tight, tight_hist = run("tight", "1e-6")
     assert all(torch.equal(plain[k], loose[k]) for k in plain)
     assert plain_hist["clipped_steps"].tolist() == [0, 0] and loose_hist["clipped_steps"].tolist() == [0, 0]
-    from shortcut_study.data.layout import load_split
-
     steps = len(load_split(dataset, "train")) // 32
     assert tight_hist["clipped_steps"].tolist() == [steps, steps]
     assert not all(torch.equal(plain[k], tight[k]) for k in plain)
 
 
 def test_clipped_steps_of_jtts_identification_run_count_with_the_first_epoch(dataset, tmp_path):
-    from shortcut_study.data.layout import load_split
-
     cfg = make_config(sets=["train.batch_size=32", "train.epochs=2", "train.eval_batch_size=64", "train.threads=1",
                             "train.grad_clip=1e-6", "train.method=jtt", "method.identify_epochs=1",
                             "augment.digit_shuffle_p=0"])
