@@ -52,16 +52,30 @@ def not_converged(record: dict[str, Any]) -> str | None:
     return None
 
 
+def busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Seconds during which at least one of the (start, end) intervals ran: a part's wall time, so
+    that one resumed in a later sitting does not count the hours between its sittings."""
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
 def part_lines(records: list[dict[str, Any]], unit: str) -> list[str]:
-    """A line per part: its runs, commit, wall time from its first run's start to its last one's
-    end, summed training time, and the machine it ran on."""
+    """A line per part: its runs, commits, wall time while any of its runs ran, summed training
+    time, and the machine it ran on."""
     parts: dict[str, dict[str, Any]] = {}
     for r in records:
-        p = parts.setdefault(r["part"], {"machine": r["machine"], "runs": 0, "seconds": 0.0, "start": r["started"],
-                                         "end": r["ended"], "commit": r["commit"]})
+        p = parts.setdefault(r["part"], {"machine": r["machine"], "runs": 0, "seconds": 0.0, "intervals": [],
+                                         "commits": []})
         p["runs"] += 1
         p["seconds"] += r["train_seconds"]
-        p["start"], p["end"] = min(p["start"], r["started"]), max(p["end"], r["ended"])
-    return [f"- `{name}` ({p['runs']} {unit}, commit {p['commit']}, {(p['end'] - p['start']) / 60:.1f} min of wall "
-            f"time from its first run's start to its last one's end, {p['seconds'] / 60:.1f} min of training): "
-            f"{p['machine']}" for name, p in sorted(parts.items())] or ["- none yet"]
+        p["intervals"].append((r["started"], r["ended"]))
+        if r["commit"] not in p["commits"]:
+            p["commits"].append(r["commit"])
+    return [f"- `{name}` ({p['runs']} {unit}, commit {', '.join(p['commits'])}, "
+            f"{busy_seconds(p['intervals']) / 60:.1f} min of wall time while its runs ran, "
+            f"{p['seconds'] / 60:.1f} min of training): {p['machine']}" for name, p in sorted(parts.items())] \
+        or ["- none yet"]

@@ -187,7 +187,7 @@ def test_aggregation_shows_missing_cells_as_missing(tmp_path):
     assert "- erm, 16 px, agreement 0.1: overall 40.0 over 1 seed(s) — the recipe's bar, ≥ 75 %, is NOT met" in table
     cells = pd.read_csv(tmp_path / "out" / "cells.csv")
     assert (cells["state"] == "missing").sum() == len(grid.cells) - 5
-    assert "- `p1` (5 cells, commit abc, 1.0 min of wall time" in (tmp_path / "out" / "summary.md").read_text()
+    assert "- `p1` (5 cells, commit abc, 1.0 min of wall time while its runs ran" in (tmp_path / "out" / "summary.md").read_text()
     assert (tmp_path / "out" / "gap_vs_agreement.png").is_file()
     # a page of `make report` when the results folder holds a comparison
     from shortcut_study.errors import UserError
