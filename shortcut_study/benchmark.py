@@ -555,7 +555,8 @@ def aggregate(out: Path, spec: BenchmarkSpec) -> str:
         "`rule` is how the setting and the epoch were selected: `worst_group` by the worst (class, digit) cell of the "
         "crossed val, `worst_class` by the worst class (no attribute needed). `seeds` counts the seeds averaged; "
         "`not converged` names the others — a seed whose training loss ended above its first epoch's (diverged) or "
-        "rose above it on the way (loss spiked): a recipe defect, never averaged in. `clipped steps`: the optimizer "
+        "rose above it on the way (loss spiked), or whose selected model is at chance on digit-aligned and "
+        "digit-conflicting images alike (collapsed): a recipe defect, never averaged in. `clipped steps`: the optimizer "
         "steps of those seeds whose gradient norm `train.grad_clip` scaled down (0: trained as without it).", "",
         f"Budget: {budget}. Search recipe: preset `{spec.preset}`, {search.epochs} epochs, "
         f"{search.subset or 'all'} training images. Final recipe: {final.epochs} epochs, {final.subset or 'all'} images.",

@@ -16,6 +16,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from .config import NUM_CLASSES
 from .errors import read_json, write_text_atomic
 
 
@@ -41,14 +42,25 @@ def losses_of(history: list[dict[str, Any]]) -> dict[str, float]:
             "clipped_steps": sum(int(h.get("clipped_steps", 0)) for h in history)}
 
 
+# A selected model within this many points of chance on digit-aligned and digit-conflicting test
+# images alike uses neither the image nor the digit: collapsed. (2 points: about two binomial
+# standard deviations of chance on the ~1,000 aligned images of a 10,000-image test set.)
+COLLAPSE_MARGIN = 2.0
+
+
 def not_converged(record: dict[str, Any]) -> str | None:
     """Why a run is a recipe defect rather than a data point, or None: its training loss ended
     above its first epoch's, or rose above it on the way (a spike it may have come back from with
-    the model at chance: a loss that ends lower says nothing about the epochs between)."""
+    the model at chance: a loss that ends lower says nothing about the epochs between), or the
+    model it selected is at chance with and without the digit's help (e.g. an epoch-1 model that a
+    spike inside that epoch left predicting one class, kept by a tie of the selection rule)."""
     if record["train_loss_last"] > record["train_loss_first"]:
         return "diverged"
     if record.get("train_loss_max", -math.inf) > record["train_loss_first"]:
         return "loss spiked"
+    test, chance = record.get("test", {}), 100.0 / NUM_CLASSES
+    if all(abs(test.get(k, math.nan) - chance) <= COLLAPSE_MARGIN for k in ("aligned_acc", "conflicting_acc")):
+        return "collapsed"
     return None
 
 
