@@ -43,7 +43,7 @@ from optuna.trial import TrialState
 from .config import SELECT_METRICS, Config, Param, fingerprint_differences, make_config
 from .errors import UserError, atomic_path, read_json, require_writable, write_text_atomic
 from .metrics import METRICS, seed_interval
-from .parts import default_part_name, losses_of, not_converged, part_lines, read_records, write_record
+from .parts import DEFECT_RULE, default_part_name, losses_of, not_converged, part_lines, read_records, write_record
 from .registry import METHODS
 from .storage import DEFAULT_STORAGE, STUDIES, ClaimLock, open_storage
 from .study import SEARCH_SPACE
@@ -554,9 +554,8 @@ def aggregate(out: Path, spec: BenchmarkSpec) -> str:
         "Test accuracy (%) on the unbiased test set: mean over seeds with the 95 % Student-t interval in brackets. "
         "`rule` is how the setting and the epoch were selected: `worst_group` by the worst (class, digit) cell of the "
         "crossed val, `worst_class` by the worst class (no attribute needed). `seeds` counts the seeds averaged; "
-        "`not converged` names the others — a seed whose training loss ended above its first epoch's (diverged) or "
-        "rose above it on the way (loss spiked), or whose selected model is at chance on digit-aligned and "
-        "digit-conflicting images alike (collapsed): a recipe defect, never averaged in. `clipped steps`: the optimizer "
+        f"`not converged` names the others — a seed whose {DEFECT_RULE}: a recipe defect, never averaged in. "
+        "`clipped steps`: the optimizer "
         "steps of those seeds whose gradient norm `train.grad_clip` scaled down (0: trained as without it).", "",
         f"Budget: {budget}. Search recipe: preset `{spec.preset}`, {search.epochs} epochs, "
         f"{search.subset or 'all'} training images. Final recipe: {final.epochs} epochs, {final.subset or 'all'} images.",

@@ -39,7 +39,7 @@ import optuna
 from optuna.trial import TrialState
 
 from .config import Config, fingerprint_differences, make_config
-from .compare_results import cell_key, cell_table, seed_summary, strength_figures, strength_sentence, summary_markdown
+from .compare_results import SHARED_BASE, cell_key, cell_table, seed_summary, strength_figures, strength_sentence, summary_markdown
 from .errors import UserError, read_json, require_writable, write_text_atomic
 from .outputs import replace_folder
 from .parts import default_part_name, losses_of, part_lines, read_records, write_record
@@ -58,7 +58,6 @@ AXIS_KEYS = {"train.method", "train.seed", "build.train_agreement", "geometry.di
              "geometry.digit_left"}
 # A method entry "NAME+shuffle" adds digit-patch shuffle (the intervention that knows where the digit is).
 SHUFFLE = "+shuffle"
-SHARED_BASE = "erm"  # the entry whose cells' models the post-hoc methods refit
 
 
 @dataclass(frozen=True)

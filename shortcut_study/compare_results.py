@@ -19,7 +19,9 @@ from optuna.trial import TrialState
 from .errors import UserError
 from .metrics import METRICS as DECLARED
 from .metrics import seed_interval
-from .parts import not_converged
+from .parts import DEFECT_RULE, not_converged
+
+SHARED_BASE = "erm"  # the entry whose cells' models the post-hoc methods refit (`shared_run` in their records)
 
 # The test metrics aggregated per cell (a finished cell's trial holds every declared metric as a
 # user attribute): those the metric table gives an interval over seeds.
@@ -72,7 +74,7 @@ def _defect(record: dict[str, Any], done: dict[tuple, dict[str, Any]]) -> str:
     own = not_converged(record)
     if own or "shared_run" not in record:
         return own or ""
-    base = done.get((record["shared_run"].split()[0], *cell_key(record)[1:]))
+    base = done.get((SHARED_BASE, *cell_key(record)[1:]))  # the same agreement, digit size and seed
     why = not_converged(base) if base else None
     return f"refit of {record['shared_run']}, which {why}" if why else ""
 
@@ -156,10 +158,8 @@ def summary_markdown(summary: pd.DataFrame, cells: pd.DataFrame, weakest: float)
                          *checks] if checks else []),
                       *(["", "Training images in the rarest (class, digit) cell of each dataset:", *rarest_lines]
                         if rarest_lines else []),
-                      "", "Cells whose training loss ended or rose above its start, or whose selected model is at chance on "
-                      "digit-aligned and digit-conflicting images alike, or refits of such a cell's model (a recipe "
-                      "defect, not a result; "
-                      "not averaged in): "
+                      "", f"Cells whose {DEFECT_RULE}, or refits of such a cell's model (a recipe defect, not a "
+                      "result; not averaged in): "
                       + ("none" if not defect_lines else ""), *defect_lines,
                       "", "Cells with optimizer steps whose gradient norm `train.grad_clip` scaled down (the others "
                       "trained as without it): " + ("none" if not clipped_lines else ""), *clipped_lines])

@@ -48,6 +48,11 @@ def losses_of(history: list[dict[str, Any]]) -> dict[str, float]:
 COLLAPSE_MARGIN = 2.0
 
 
+# What `not_converged` names, for the tables that leave such runs out.
+DEFECT_RULE = ("training loss ended above its first epoch's (diverged) or rose above it on the way (loss spiked), "
+               "or its selected model is at chance on digit-aligned and digit-conflicting images alike (collapsed)")
+
+
 def not_converged(record: dict[str, Any]) -> str | None:
     """Why a run is a recipe defect rather than a data point, or None: its training loss ended
     above its first epoch's, or rose above it on the way (a spike it may have come back from with

@@ -154,8 +154,8 @@ def test_killed_cell_is_failed_and_rerun(sources, tmp_path):
     assert sorted(runs["status"]) == ["FAILED"] + ["FINISHED"] * len(complete)
 
 
-def _record_cell(out: Path, cell, acc, aligned, conflicting, worst, gap, last=1.0, clipped=0):
-    """A finished cell's record, as a part leaves it, with the given test metrics."""
+def _record_cell(out: Path, cell, acc, aligned, conflicting, worst, gap, last=1.0, clipped=0, **extra):
+    """A finished cell's record, as a part leaves it, with the given test metrics (and `extra` fields)."""
     from shortcut_study.parts import write_record
 
     write_record(cell_file(out, cell), {
@@ -163,7 +163,7 @@ def _record_cell(out: Path, cell, acc, aligned, conflicting, worst, gap, last=1.
                                 "worst_group_acc": worst, "gap": gap, "cf_gap": gap},
         "seconds": 3.0, "train_seconds": 2.0, "rarest_cell": 4, "train_loss_first": 2.3, "train_loss_last": last,
         "train_loss_max": 2.3, "clipped_steps": clipped, "part": "p1", "machine": "a test machine", "commit": "abc",
-        "started": 0.0, "ended": 60.0})
+        "started": 0.0, "ended": 60.0, **extra})
 
 
 def test_aggregation_shows_missing_cells_as_missing(tmp_path):
@@ -317,15 +317,12 @@ def test_a_collapsed_cell_and_its_refit_are_named_and_left_out(tmp_path):
     grid = load_grid(_grid(tmp_path, TINY_GRID.replace('"groupdro+shuffle"', '"dfr"')
                            .replace("seeds = [0]", "seeds = [0, 1]")))
     from shortcut_study.compare import Cell
-    from shortcut_study.parts import write_record
 
     out = tmp_path / "out"
     for seed in (0, 1):
-        _record_cell(out, Cell("erm", 0.9, 16, seed), 40.0, 95.0, 35.0, 1.0, 60.0)
-        _record_cell(out, Cell("dfr", 0.9, 16, seed), 50.0, 70.0, 48.0, 5.0, 22.0)
-    _record_cell(out, Cell("erm", 0.9, 16, 1), 10.0, 10.1, 9.9, 0.0, 0.2)  # collapsed
-    dfr = json.loads(cell_file(out, Cell("dfr", 0.9, 16, 1)).read_text())
-    write_record(cell_file(out, Cell("dfr", 0.9, 16, 1)), {**dfr, "shared_run": "erm a=0.9 d=16 seed=1"})
+        erm = Cell("erm", 0.9, 16, seed)
+        _record_cell(out, erm, *((10.0, 10.1, 9.9, 0.0, 0.2) if seed else (40.0, 95.0, 35.0, 1.0, 60.0)))  # seed 1 collapsed
+        _record_cell(out, Cell("dfr", 0.9, 16, seed), 50.0, 70.0, 48.0, 5.0, 22.0, shared_run=erm.label)
     study = optuna.create_study(study_name="compare-tiny", storage=f"sqlite:///{tmp_path}/o.db", direction="maximize")
     table = write_results(grid, out, study)
     assert "- erm a=0.9 d=16 seed=1: collapsed" in table
