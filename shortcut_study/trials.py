@@ -392,6 +392,9 @@ def run_shared_trials(study: optuna.Study, claim: ClaimLock, next_trial: Callabl
                 if trial is None:
                     claim.release()
                     if not wait or not study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+                        # fail_stale may have failed a trial in this very pass (a killed worker's
+                        # whose cell needs no rerun): its MLflow run must not be left RUNNING
+                        reconcile_failed_runs(study, settings.experiment_id)
                         break
                     time.sleep(min(settings.heartbeat, 5))  # others' trials: a silent one will be failed, then rerun
                     continue

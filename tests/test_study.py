@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -145,6 +147,27 @@ def test_trial_killed_at_start_or_before_its_run_id_is_stored_ends_failed(datase
     assert trials[orphan.number].state == TrialState.FAIL
     assert client.get_run(run.info.run_id).info.status == "FAILED"
     assert [t.state for t in trials].count(TrialState.COMPLETE) == 2
+
+
+def test_a_trial_failed_in_the_last_pass_has_its_run_failed_too(tmp_path):
+    """The worker's last pass fails a silent trial and then finds nothing to claim (its cell was
+    finished before the kill): its MLflow run is still ended FAILED before the worker leaves."""
+    from shortcut_study.storage import ClaimLock
+    from shortcut_study.trials import WorkerSettings, run_shared_trials
+
+    url = f"sqlite:///{tmp_path}/o.db"
+    study = optuna.create_study(study_name="s", storage=open_storage(url))
+    silent = study.ask()  # RUNNING, no heartbeat: a killed worker's
+    experiment = init_tracking(f"sqlite:///{tmp_path}/m.db", "s")
+    client = mlflow.MlflowClient()
+    run = client.create_run(experiment, tags={"study": "s", "trial": str(silent.number)})
+    time.sleep(0.2)
+    settings = WorkerSettings(experiment_id=experiment, heartbeat=1, grace=0.1, deadline=math.inf, storage=url,
+                              retry=False)  # as the comparison: its cells are enqueued again by next_cell
+    run_shared_trials(study, ClaimLock(url, "s"), lambda st: None, lambda trial: 0.0, settings,
+                      after_trial=lambda frozen: None)
+    assert study.trials[silent.number].state == TrialState.FAIL
+    assert client.get_run(run.info.run_id).info.status == "FAILED"
 
 
 def test_a_study_of_failed_trials_completes_after_the_fix(dataset, tmp_path, capsys):
