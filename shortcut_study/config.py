@@ -265,6 +265,9 @@ class TrainConfig:
     # Score val (and select the model) every N epochs and after the last: each evaluation costs
     # about a tenth of an epoch's training on a CPU (flip views of 5,000 images).
     eval_every: int = 1
+    # Model selection scores at most this many val images, a class-balanced subset that every run
+    # shares (0 = all): the crossed val costs ten forward passes an image at every evaluation.
+    val_images: int = 0
     num_workers: int = 2  # reference pipeline only
 
     def validate(self) -> None:
@@ -296,6 +299,7 @@ class TrainConfig:
                "train.device", self.device, "auto, cpu, cuda or cuda:N")
         _check(0 <= self.threads <= 1024, "train.threads", self.threads, "in 0..1024 (0 = the usable CPUs)")
         _check(self.eval_every >= 1, "train.eval_every", self.eval_every, ">= 1 (1 = every epoch)")
+        _check(self.val_images >= 0, "train.val_images", self.val_images, ">= 0 (0 = all of val)")
         _check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, ">= 1")
         _check(self.num_workers >= 0, "train.num_workers", self.num_workers, ">= 0")
 

@@ -284,6 +284,20 @@ def load_data(cfg: Config, data_dir: str | Path, rt: Runtime) -> tuple[SplitData
     return train.to(rt.device), val
 
 
+def selection_images(split: SplitData, limit: int) -> SplitData:
+    """At most `limit` images of `split` (0 = all), as many of each class as the class allows: a
+    seeded shuffle cut class by class, seed 0 whatever the run's, so every run selects on the same
+    images and their val numbers compare."""
+    if not limit or limit >= len(split):
+        return split
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))
+    labels = split.labels.cpu()[order]
+    classes = labels.unique()
+    per_class = max(limit // len(classes), 1)
+    keep = torch.cat([order[labels == c][:per_class] for c in classes])
+    return split.take(keep.sort().values)
+
+
 def check_data(cfg: Config, train: SplitData, val: SplitData, data_dir: str | Path) -> None:
     """One-line errors, before any work, when the data cannot serve the config: unlabeled val, a
     selection rule or a method that needs digit labels the data does not have."""
@@ -459,7 +473,7 @@ def fit(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = F
     check_data(cfg, train, val, data_dir)
     trainer = build_trainer(cfg, train, rt, data_dir)
     model, method = trainer.model, trainer.method
-    selection = method.selection_split(val)
+    selection = selection_images(method.selection_split(val), t.val_images)
     check_selection(cfg, selection, data_dir)
     agreement = float((train.digits == train.labels).float().mean()) if train.has_digits else math.nan
     select_key = SELECT_METRICS[t.select]
@@ -543,7 +557,7 @@ def finish_trained(model: nn.Module, cfg: Config, data_dir: str | Path) -> nn.Mo
     check_data(cfg, train, val, data_dir)
     refit = copy.deepcopy(model).to(rt.device)
     trainer = build_trainer(cfg, train, rt, data_dir, new_model=lambda: refit)
-    check_selection(cfg, trainer.method.selection_split(val), data_dir)
+    check_selection(cfg, selection_images(trainer.method.selection_split(val), cfg.train.val_images), data_dir)
     trainer.method.finish(refit)
     return refit.eval()
 

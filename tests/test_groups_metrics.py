@@ -114,9 +114,28 @@ def test_worst_group_selection_trains_and_scores_the_crossed_val(wide_dataset, t
     assert len(common) >= 10 and {k: round(fresh[k], 6) for k in common} == {k: round(result.best[k], 6) for k in common}
 
 
+def test_selection_on_fewer_val_images_is_class_balanced_and_shared_by_every_seed(wide_dataset, tmp_path):
+    """`train.val_images` cuts the selection split to a class-balanced subset, the same one whatever
+    the run's seed: every run's val numbers are on the same images."""
+    from shortcut_study.data.layout import load_split
+
+    val = load_split(wide_dataset, "val")
+    runs = []
+    for seed in (0, 1):
+        cfg = make_config(sets=["train.select=worst_group", "train.epochs=1", "train.batch_size=32",
+                                "train.eval_batch_size=64", "train.val_images=30", f"train.seed={seed}"])
+        runs.append(fit(cfg, wide_dataset, tmp_path / f"r{seed}", quiet=True))
+    kept = [r.val_scores for r in runs]
+    assert len(kept[0].labels) < len(val) and kept[0].crossed.shape == (len(kept[0].labels), 10)
+    counts = np.bincount(kept[0].labels, minlength=10)
+    assert counts.max() <= 3 and (counts == np.minimum(np.bincount(val.labels.numpy(), minlength=10), 3)).all()
+    assert (kept[0].labels == kept[1].labels).all() and (kept[0].digits == kept[1].digits).all()
+
+
 @pytest.mark.parametrize("sets, message", [
     (["train.groups=cells"], "train.groups='cells': must be one of class_digit, aligned"),
     (["train.select=best_group"], "train.select='best_group': must be one of"),
+    (["train.val_images=-5"], "train.val_images=-5: must be >= 0"),
 ])
 def test_bad_group_or_selection_setting_is_one_line(sets, message, dataset, tmp_path, capsys):
     args = ["train", "--data", str(dataset), "--out", str(tmp_path / "r"), *TINY] + sum((["--set", s] for s in sets), [])
