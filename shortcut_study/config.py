@@ -279,8 +279,8 @@ class TrainConfig:
         _check(0 <= self.momentum < 1, "train.momentum", self.momentum, "in [0, 1)")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
         SCHEDULES.check(self.schedule)
-        _check(0 <= self.warmup_epochs <= self.epochs, "train.warmup_epochs", self.warmup_epochs,
-               "between 0 and train.epochs")
+        # Longer than the run is allowed (a shortened preset): the warm-up then covers the whole run.
+        _check(0 <= self.warmup_epochs < math.inf, "train.warmup_epochs", self.warmup_epochs, ">= 0")
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing, "in [0, 1)")
         _check(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "in [0, 1)")
         _check(0 <= self.lookahead < 1, "train.lookahead", self.lookahead, "in [0, 1) (0 = off)")
