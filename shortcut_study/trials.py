@@ -16,6 +16,7 @@ import math
 import os
 import threading
 import time
+import uuid
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
@@ -36,6 +37,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 HEARTBEAT_ATTR = "heartbeat_at"
 SILENT_ATTR = "failed_as_silent_at"  # set just before a silent trial is failed: its retry is owed
 PARENT_TAG = "parent_of"  # the study a parent MLflow run belongs to (found again after a kill)
+INSTANCE_ATTR = "instance"  # a token made with a shared study: its parent run's PARENT_TAG names it
 # Trials that count toward `--n-trials`: a failed trial does not, so a study can be completed
 # after a fix, and a killed one is retried.
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
@@ -263,6 +265,7 @@ def shared_study(storage: optuna.storages.BaseStorage, name: str, key: str, made
     where its creator's record differs from `made_for` (`fingerprint_differences`; empty = the same)."""
     try:
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize", **study_args)
+        study.set_user_attr(INSTANCE_ATTR, uuid.uuid4().hex)  # tells it from a namesake in another storage
         study.set_user_attr(key, made_for)
         if on_create is not None:
             on_create(study)
@@ -285,12 +288,15 @@ def ensure_parent_run(study: optuna.Study, experiment_id: str, run_name: str, ta
     if run_id:
         return run_id
     client = MlflowClient()
-    orphans = client.search_runs([experiment_id], filter_string=f"tags.{PARENT_TAG} = '{study.study_name}'",
+    # The tag names this study, not only its name: another storage's study of the same name (a part
+    # measured on a storage of its own) has its own parent run in the same MLflow experiment.
+    owner = f"{study.study_name}@{study.user_attrs[INSTANCE_ATTR]}" if INSTANCE_ATTR in study.user_attrs else study.study_name
+    orphans = client.search_runs([experiment_id], filter_string=f"tags.{PARENT_TAG} = '{owner}'",
                                  max_results=1, order_by=["attributes.start_time ASC"])
     if orphans:
         run_id = orphans[0].info.run_id
     else:
-        run_id = client.create_run(experiment_id, run_name=run_name, tags={**tags, PARENT_TAG: study.study_name}).info.run_id
+        run_id = client.create_run(experiment_id, run_name=run_name, tags={**tags, PARENT_TAG: owner}).info.run_id
         fault_point("parent_run_created")
     client.log_batch(run_id, params=[RunParam(k, str(v)) for k, v in settings.items()])
     client.set_terminated(run_id, status="FINISHED")

@@ -170,6 +170,22 @@ def test_a_trial_failed_in_the_last_pass_has_its_run_failed_too(tmp_path):
     assert client.get_run(run.info.run_id).info.status == "FAILED"
 
 
+def test_a_namesake_study_on_another_storage_gets_its_own_parent_run(tmp_path):
+    """A part on a storage of its own (same study name, same MLflow experiment) makes its own parent
+    run instead of adopting the other storage's (whose settings it may not share)."""
+    from shortcut_study.trials import ensure_parent_run, shared_study
+
+    experiment = init_tracking(f"sqlite:///{tmp_path}/m.db", "s")
+    parents = []
+    for db, value in (("a.db", 1.0), ("b.db", 2.0)):
+        study, _ = shared_study(open_storage(f"sqlite:///{tmp_path}/{db}"), "s", "grid", {"x": 1})
+        parents.append(ensure_parent_run(study, experiment, "s", {}, {"train.warmup_epochs": value}))
+    assert parents[0] != parents[1]
+    client = mlflow.MlflowClient()
+    assert [client.get_run(r).data.params["train.warmup_epochs"] for r in parents] == ["1.0", "2.0"]
+    assert all(client.get_run(r).info.status == "FINISHED" for r in parents)
+
+
 def test_a_study_of_failed_trials_completes_after_the_fix(dataset, tmp_path, capsys):
     args = ["sweep", "--data", str(dataset), "--study", "t", "--n-trials", "2", "--epochs", "1", "--subset", "0",
             "--storage", f"sqlite:///{tmp_path}/optuna.db", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
