@@ -311,6 +311,14 @@ def check_data(cfg: Config, train: SplitData, val: SplitData, data_dir: str | Pa
     check_groups(METHODS[t.method], train, val, str(data_dir))
 
 
+def selection_split(cfg: Config, method: Method, val: SplitData, data_dir: str | Path) -> SplitData:
+    """The val images the run selects its model on: the method's part of val (DFR keeps the rest),
+    cut to `train.val_images`, checked to serve the selection rule."""
+    selection = selection_images(method.selection_split(val), cfg.train.val_images)
+    check_selection(cfg, selection, data_dir)
+    return selection
+
+
 def check_selection(cfg: Config, selection: SplitData, data_dir: str | Path) -> None:
     """A crossed selection metric needs every digit in the selection split (its donors)."""
     if needs_crossed([SELECT_METRICS[cfg.train.select]]) and not can_cross(selection):
@@ -473,8 +481,7 @@ def fit(cfg: Config, data_dir: str | Path, out_dir: str | Path, resume: bool = F
     check_data(cfg, train, val, data_dir)
     trainer = build_trainer(cfg, train, rt, data_dir)
     model, method = trainer.model, trainer.method
-    selection = selection_images(method.selection_split(val), t.val_images)
-    check_selection(cfg, selection, data_dir)
+    selection = selection_split(cfg, method, val, data_dir)
     agreement = float((train.digits == train.labels).float().mean()) if train.has_digits else math.nan
     select_key = SELECT_METRICS[t.select]
     also_keys = {rule: SELECT_METRICS[rule] for rule in also_select if rule != t.select}
@@ -557,7 +564,7 @@ def finish_trained(model: nn.Module, cfg: Config, data_dir: str | Path) -> nn.Mo
     check_data(cfg, train, val, data_dir)
     refit = copy.deepcopy(model).to(rt.device)
     trainer = build_trainer(cfg, train, rt, data_dir, new_model=lambda: refit)
-    check_selection(cfg, selection_images(trainer.method.selection_split(val), cfg.train.val_images), data_dir)
+    selection_split(cfg, trainer.method, val, data_dir)
     trainer.method.finish(refit)
     return refit.eval()
 

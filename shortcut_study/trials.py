@@ -398,9 +398,6 @@ def run_shared_trials(study: optuna.Study, claim: ClaimLock, next_trial: Callabl
                 if trial is None:
                     claim.release()
                     if not wait or not study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
-                        # fail_stale may have failed a trial in this very pass (a killed worker's
-                        # whose cell needs no rerun): its MLflow run must not be left RUNNING
-                        reconcile_failed_runs(study, settings.experiment_id)
                         break
                     time.sleep(min(settings.heartbeat, 5))  # others' trials: a silent one will be failed, then rerun
                     continue
@@ -427,5 +424,12 @@ def run_shared_trials(study: optuna.Study, claim: ClaimLock, next_trial: Callabl
                     raise UserError(f"{in_a_row} trials failed in a row, the first with: {errors[-in_a_row][:300]}")
             else:
                 in_a_row = 0
+        # The last pass may have failed a silent trial (a killed worker's whose cell needs no
+        # rerun) and left at once, or at the deadline: its MLflow run must not stay RUNNING.
+        try:
+            reconcile_failed_runs(study, settings.experiment_id)
+        except Exception as exc:
+            if not storage_unreachable(exc):
+                raise  # unreachable: the next command's first pass ends it
     finally:
         claim.close()
