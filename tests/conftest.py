@@ -179,11 +179,15 @@ def kill_once_training(cmd: list[str], storage: str, cwd: Path, timeout: float =
 
     from shortcut_study.storage import open_storage
 
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = Path(cwd) / "killed-sweep.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     deadline, opened = time.time() + timeout, None
     try:
         while time.time() < deadline:
             time.sleep(1)
+            if proc.poll() is not None:  # it ended before a look found a trial training: say why
+                pytest.fail(f"the sweep ended (exit {proc.returncode}) before it could be killed:\n{log.read_text()[-3000:]}")
             try:
                 opened = opened or open_storage(storage)  # once: one connection pool
                 trials = optuna.load_study(study_name=study, storage=opened).trials

@@ -133,8 +133,10 @@ def test_two_processes_share_a_grid_each_cell_once_tracked_aggregated_and_plotte
 
 
 def test_killed_cell_is_failed_and_rerun(sources, tmp_path):
+    # Enough epochs that a cell is still training when the poll (once a second) looks: a one-epoch
+    # cell can start and finish between two looks, and the sweep then ends before it can be killed.
     grid = _grid(tmp_path, TINY_GRID.replace('digit_sizes = [16, 8]', 'digit_sizes = [16]')
-                 .replace('agreements = [0.1, 0.9]', 'agreements = [0.9]'))
+                 .replace('agreements = [0.1, 0.9]', 'agreements = [0.9]').replace("epochs = 1", "epochs = 15"))
     cmd = _compare(sources, tmp_path, grid, "--heartbeat", "1", "--grace", "3")
     kill_once_training(cmd, f"sqlite:///{tmp_path}/optuna.db", tmp_path, study="compare-tiny-seeds-0")
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
