@@ -10,7 +10,10 @@ worst-class val. Then each (method, rule)'s chosen setting trains with every see
 recipe and is scored on the test set; the table gives every metric of `metrics.METRICS` as mean ±
 95 % interval over seeds. Rules that chose the same setting share one seed run, each rule taking
 the epoch it selects in it (`train.fit(also_select=...)`). ERM + digit shuffle (ERM's choice, plus the intervention that knows where
-the digit is) is a labelled reference row, not a competitor.
+the digit is) is a labelled reference row, not a competitor. A post-hoc method beside ERM (DFR,
+`parts.refit_methods`) is neither searched nor trained: as in its paper, its base is the ERM model —
+each ERM seed run's selected model, its last layer refit (DFR tunes its own C on half of val), so
+its row costs a refit per ERM seed run, not a search and seed runs of another ERM.
 
 Each method's settings are one Optuna study (`benchmark-NAME-METHOD`) and the seed runs another
 (`benchmark-NAME-seeds`), in the sweep's storage and run by the sweep's worker loop (`trials.py`):
@@ -43,7 +46,8 @@ from optuna.trial import TrialState
 from .config import SELECT_METRICS, Config, Param, fingerprint_differences, make_config
 from .errors import UserError, atomic_path, read_json, require_writable, write_text_atomic
 from .metrics import METRICS, seed_interval
-from .parts import DEFECT_RULE, default_part_name, losses_of, not_converged, part_lines, read_records, write_record
+from .parts import (DEFECT_RULE, SHARED_BASE, default_part_name, losses_of, not_converged, part_lines, read_records,
+                    refit_methods, write_record)
 from .registry import METHODS
 from .storage import DEFAULT_STORAGE, STUDIES, ClaimLock, open_storage
 from .study import SEARCH_SPACE
@@ -112,10 +116,24 @@ class BenchmarkSpec:
     def rows(self) -> tuple[str, ...]:
         return self.methods + self.reference
 
+    @property
+    def refits(self) -> tuple[str, ...]:
+        """Methods neither searched nor trained: DFR refits each ERM seed run's selected model (its
+        paper's base model, ERM's hyperparameters; its own C tuned inside the refit on half of val)."""
+        return refit_methods(self.methods)
+
+    @property
+    def searched(self) -> tuple[str, ...]:
+        return tuple(m for m in self.methods if m not in self.refits)
+
+    def trained_rows(self) -> list[str]:
+        """The rows that are seed runs (a refit row's records come with its base's runs)."""
+        return [r for r in self.rows() if r not in self.refits]
+
     def fingerprint(self) -> dict[str, Any]:
         """What makes two benchmarks the same (seeds excluded: they are what parts split)."""
         return {"methods": list(self.methods), "reference": list(self.reference), "settings": self.settings,
-                "rules": list(self.rules), "search": self.search_config(self.methods[0], {}, 0).flat(),
+                "refits": list(self.refits), "rules": list(self.rules), "search": self.search_config(self.methods[0], {}, 0).flat(),
                 "final": self.final_config(self.methods[0], self.rules[0], {}, 0).flat()}
 
     def validate(self) -> BenchmarkSpec:
@@ -267,7 +285,7 @@ def rule_choices(spec: BenchmarkSpec) -> list[str]:
 def seed_jobs(spec: BenchmarkSpec, rows: list[str], chosen: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """(row, rules, seed) of the seed runs of `rows`, numbered in the spec's order (stable across
     parts): with the choices known, one run per row, chosen setting and seed (`rule_groups`)."""
-    every = [(row, rule, seed) for row in spec.rows() for rule in rule_groups(spec, chosen, row)
+    every = [(row, rule, seed) for row in spec.trained_rows() for rule in rule_groups(spec, chosen, row)
              for seed in sorted(spec.seeds)]
     return [{"job": zlib.crc32(f"{r}:{u}:{s}".encode()) % 2**31, "row": r, "rule": u, "seed": s}
             for r, u, s in every if r in rows]
@@ -346,7 +364,7 @@ def _seed_runner(opts: BenchmarkOptions, chosen: dict[str, Any], experiment_id: 
     from .tracking import device_tag, git_commit, log_epoch, tracked_trial
     from .train import fit
 
-    rows, choices = list(opts.spec.rows()), rule_choices(opts.spec)
+    rows, choices = opts.spec.trained_rows(), rule_choices(opts.spec)
     machine = machine_line()
 
     def run(trial: optuna.Trial) -> float:
@@ -371,6 +389,7 @@ def _seed_runner(opts: BenchmarkOptions, chosen: dict[str, Any], experiment_id: 
             selected = {rules[0]: (result.best_epoch, result.model), **result.also}
             common = {"row": row, "seed": seed, "part": opts.part_name, "machine": machine, "commit": git_commit(),
                       "params": params, "setting": chosen[method][rules[0]]["setting"], "shared_run": joined,
+                      "training": f"{row} {joined} seed {seed}",
                       "val": {k: v for k, v in result.best.items() if k in METRICS},
                       **losses_of(result.history),
                       "epochs": cfg.train.epochs,
@@ -385,6 +404,8 @@ def _seed_runner(opts: BenchmarkOptions, chosen: dict[str, Any], experiment_id: 
                 if not test:
                     raise UserError(f"{opts.data}/test has no labels: the benchmark scores seed runs on the labelled "
                                     "test split")
+                if row == SHARED_BASE:  # first the refits of this model (a killed run redoes them all)
+                    _refit_records(opts, common, rule, epoch, model)
                 record = {**common, "rule": rule, "epoch": epoch, "test": {k: v for k, v in test.items() if k in METRICS},
                           "ended": time.time()}
                 write_record(run_file(opts.out, row, rule, seed), record)
@@ -392,6 +413,26 @@ def _seed_runner(opts: BenchmarkOptions, chosen: dict[str, Any], experiment_id: 
             return float(scored[selected[rules[0]][0]].get(SELECT_METRICS[rules[0]], math.nan))
 
     return run
+
+
+def _refit_records(opts: BenchmarkOptions, common: dict[str, Any], rule: str, epoch: int, model: Any) -> None:
+    """The refit rows' records for one rule of an ERM seed run: each post-hoc method (DFR) applied to
+    the model the rule selected, scored on the test set. Their training is the ERM run's, counted
+    there (`train_seconds` 0 here); `seconds` is the refit's and scoring's own."""
+    import mlflow
+
+    from .diagnostics import score_model
+    from .train import finish_trained
+
+    for method in opts.spec.refits:
+        started = time.time()
+        cfg = opts.spec.final_config(method, rule, common["params"], common["seed"])
+        test = score_model(finish_trained(model, cfg, opts.data), cfg, opts.data)[0]
+        record = {**common, "row": method, "rule": rule, "epoch": epoch, "refit_of": SHARED_BASE, "val": {},
+                  "train_seconds": 0.0, "images": 0, "test": {k: v for k, v in test.items() if k in METRICS},
+                  "seconds": time.time() - started, "started": started, "ended": time.time()}
+        write_record(run_file(opts.out, method, rule, common["seed"]), record)
+        mlflow.log_metrics({f"test_{method}_{rule}_{k}": v for k, v in record["test"].items() if math.isfinite(v)})
 
 
 def _search_complete(study: optuna.Study, settings: int) -> bool:
@@ -415,6 +456,8 @@ def _choose(opts: BenchmarkOptions, studies: dict[str, optuna.Study]) -> dict[st
                 search.append({"method": method, "setting": t.params["job"], "params": t.user_attrs["params"],
                                **{k: t.user_attrs.get(k) for k in t.user_attrs if k.startswith("select_")},
                                "train_seconds": t.user_attrs.get("train_seconds")})
+    for method in opts.spec.refits:  # no search of their own: the base's choice, whose runs they refit
+        chosen[method] = {rule: {**choice, "refit_of": SHARED_BASE} for rule, choice in chosen[SHARED_BASE].items()}
     tree = {"fingerprint": opts.spec.fingerprint(), "chosen": chosen, "search": search}
     write_text_atomic(opts.out / CHOSEN_FILE, json.dumps(tree, indent=2, sort_keys=True) + "\n")
     return tree
@@ -431,7 +474,7 @@ def benchmark(opts: BenchmarkOptions) -> str:
     load_split(opts.data, "val")  # fail fast on a missing dataset
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     earlier = load_chosen(opts)
-    studies = {} if earlier else {m: _open(opts, m) for m in spec.methods}
+    studies = {} if earlier else {m: _open(opts, m) for m in spec.searched}
     seeds_study = _open(opts, "seeds")
     experiment_id = init_tracking(opts.tracking_uri, f"benchmark-{spec.name}")
     claim = ClaimLock(opts.storage or DEFAULT_STORAGE, opts.study_name("seeds"))
@@ -447,10 +490,12 @@ def benchmark(opts: BenchmarkOptions) -> str:
                             deadline=time.monotonic() + opts.timeout if opts.timeout else math.inf,
                             storage=opts.storage or DEFAULT_STORAGE, retry=False)
     since = time.time()
-    fewest, most = len(spec.rows()) * len(spec.seeds), len(seed_jobs(spec, list(spec.rows())))
-    print(f"benchmark {spec.name}: {len(spec.methods)} methods x {spec.settings} settings, then "
+    trained = spec.trained_rows()
+    fewest, most = len(trained) * len(spec.seeds), len(seed_jobs(spec, trained))
+    refits = f"; {', '.join(spec.refits)} refit the {SHARED_BASE} runs' models" if spec.refits else ""
+    print(f"benchmark {spec.name}: {len(spec.searched)} methods x {spec.settings} settings, then "
           f"{fewest if fewest == most else f'{fewest}-{most}'} seed runs "
-          f"(rules that choose the same setting share a run; {opts.part_name})", flush=True)
+          f"(rules that choose the same setting share a run{refits}; {opts.part_name})", flush=True)
 
     def report(frozen: optuna.trial.FrozenTrial) -> None:
         what = frozen.user_attrs.get("label") or ", ".join(f"{k} {v}" for k, v in frozen.params.items() if k != "job")
@@ -463,20 +508,19 @@ def benchmark(opts: BenchmarkOptions) -> str:
                 run_shared_trials(study, ClaimLock(opts.storage or DEFAULT_STORAGE, study.study_name),
                                   lambda s, jobs=jobs: next_listed(s, jobs, since),
                                   _search_runner(opts, method, experiment_id, parent), worker, report, wait=False)
-            ready = [m for m in spec.methods if earlier or _search_complete(studies[m], spec.settings)]
-            if ready and len(ready) == len(spec.methods):
+            ready = [m for m in spec.searched if earlier or _search_complete(studies[m], spec.settings)]
+            if ready and len(ready) == len(spec.searched):
                 chosen = (earlier or _choose(opts, studies))["chosen"]
-                rows = list(spec.rows())
                 run_shared_trials(seeds_study, ClaimLock(opts.storage or DEFAULT_STORAGE, seeds_study.study_name),
-                                  lambda s: next_listed(s, seed_jobs(spec, rows, chosen), since),
+                                  lambda s: next_listed(s, seed_jobs(spec, trained, chosen), since),
                                   _seed_runner(opts, chosen, experiment_id, parent), worker, report, wait=True)
                 break
             if not _anything_running(studies):
                 # Another worker may have finished the last setting between the two looks: look again.
-                ready = [m for m in spec.methods if _search_complete(studies[m], spec.settings)]
-                if len(ready) == len(spec.methods):
+                ready = [m for m in spec.searched if _search_complete(studies[m], spec.settings)]
+                if len(ready) == len(spec.searched):
                     continue
-                failed = [m for m in spec.methods if m not in ready]
+                failed = [m for m in spec.searched if m not in ready]
                 raise UserError(f"the search of {', '.join(failed)} did not finish: a setting failed (its error is in "
                                 "MLflow and above) — fix the cause and run the command again to retry it")
             time.sleep(min(opts.heartbeat, 5))  # others' settings still run: their seeds follow
@@ -538,7 +582,8 @@ def aggregate(out: Path, spec: BenchmarkSpec) -> str:
     lines = ["| method | rule | seeds | " + " | ".join(METRICS[k].title for k in keys) + " | setting | not converged | clipped steps |",
              "|" + "---|" * (6 + len(keys))]
     for r in rows:
-        label = r["method"] + (" (reference: knows where the digit is)" if r["method"] in spec.reference else "")
+        label = r["method"] + (" (reference: knows where the digit is)" if r["method"] in spec.reference else
+                               f" (refit of the {SHARED_BASE} runs' models)" if r["method"] in spec.refits else "")
         params = ", ".join(f"{k.split('.', 1)[1]}={_short(v)}" for k, v in sorted(r["params"].items())) or "–"
         lines.append(f"| {label} | {r['rule']} | {r['seeds_done']}/{r['seeds']} | "
                      + " | ".join(_cell(r, k) for k in keys)
@@ -547,6 +592,9 @@ def aggregate(out: Path, spec: BenchmarkSpec) -> str:
     budget = (f"{spec.settings} settings per method on the search recipe (epochs selected by worst-group val), then "
               f"seeds {', '.join(map(str, spec.seeds))} of each chosen setting on the final recipe; rules: "
               f"{', '.join(spec.rules)}")
+    if spec.refits:
+        budget += (f"; {', '.join(spec.refits)}: no search or training of its own — each {SHARED_BASE} seed run's "
+                   "selected model, its last layer refit (its own regularisation chosen on half of val)")
     search = spec.search_config(spec.methods[0], {}, 0).train
     final = spec.final_config(spec.methods[0], spec.rules[0], {}, 0).train
     text = "\n".join([

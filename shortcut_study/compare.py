@@ -39,10 +39,10 @@ import optuna
 from optuna.trial import TrialState
 
 from .config import Config, fingerprint_differences, make_config
-from .compare_results import SHARED_BASE, cell_key, cell_table, seed_summary, strength_figures, strength_sentence, summary_markdown
+from .compare_results import cell_key, cell_table, seed_summary, strength_figures, strength_sentence, summary_markdown
 from .errors import UserError, read_json, require_writable, write_text_atomic
 from .outputs import replace_folder
-from .parts import default_part_name, losses_of, part_lines, read_records, write_record
+from .parts import SHARED_BASE, default_part_name, losses_of, part_lines, read_records, refit_methods, write_record
 from .metrics import METRICS
 from .registry import METHODS
 from .storage import DEFAULT_STORAGE, STUDIES, ClaimLock, file_lock, open_storage
@@ -98,11 +98,9 @@ class Grid:
 
     @property
     def derived(self) -> tuple[str, ...]:
-        """Method entries not trained on their own: a post-hoc method (DFR) in a grid that trains
-        ERM refits the last layer of the ERM cell's model (its paper's base model) instead of
-        training another ERM model."""
-        return tuple(m for m in self.methods if SHARED_BASE in self.methods
-                     and METHODS[_split_method(m)[0]].post_hoc and not _split_method(m)[1])
+        """Method entries not trained on their own (`parts.refit_methods`): DFR refits the last
+        layer of the same agreement, digit size and seed's ERM cell."""
+        return refit_methods(self.methods)
 
     @property
     def trained_cells(self) -> list[Cell]:
@@ -281,10 +279,12 @@ def load_grid(path: str | Path | None = None, sets: list[str] | tuple[str, ...] 
 # ---- datasets, one per distinct (build, geometry) ----------------------------------------------------
 
 def _source_identity(src: str | Path) -> str:
+    """A source archive by its content (not its path or time: a copy of the same archive made
+    anew, as each session's shared folder is, keeps the datasets built from it)."""
     p = Path(src)
     if p.is_file():
-        st = p.stat()
-        return f"{p.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+        with p.open("rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
     return str(p.resolve()) if p.exists() else str(src)
 
 

@@ -19,9 +19,7 @@ from optuna.trial import TrialState
 from .errors import UserError
 from .metrics import METRICS as DECLARED
 from .metrics import seed_interval
-from .parts import DEFECT_RULE, not_converged
-
-SHARED_BASE = "erm"  # the entry whose cells' models the post-hoc methods refit (`shared_run` in their records)
+from .parts import DEFECT_RULE, SHARED_BASE, not_converged
 
 # The test metrics aggregated per cell (a finished cell's trial holds every declared metric as a
 # user attribute): those the metric table gives an interval over seeds.

@@ -13,11 +13,23 @@ import datetime as dt
 import json
 import math
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .config import NUM_CLASSES
 from .errors import read_json, write_text_atomic
+from .registry import METHODS
+
+SHARED_BASE = "erm"  # the method whose trained models the post-hoc methods refit (`shared_run` in their records)
+
+
+def refit_methods(methods: Sequence[str]) -> tuple[str, ...]:
+    """The entries of `methods` not trained on their own: a post-hoc method (DFR) beside ERM refits
+    the last layer of ERM's model (its paper's base model) instead of training another ERM model."""
+    if SHARED_BASE not in methods:
+        return ()
+    return tuple(m for m in methods if m in METHODS and METHODS[m].post_hoc)
 
 
 def default_part_name() -> str:
@@ -84,15 +96,17 @@ def part_lines(records: list[dict[str, Any]], unit: str) -> list[str]:
     """A line per part: its runs, commits, wall time while any of its runs ran, summed training
     time, and the machine it ran on."""
     parts: dict[str, dict[str, Any]] = {}
-    for r in records:
-        p = parts.setdefault(r["part"], {"machine": r["machine"], "runs": 0, "seconds": 0.0, "intervals": [],
+    for n, r in enumerate(records):
+        p = parts.setdefault(r["part"], {"machine": r["machine"], "runs": 0, "trainings": {}, "intervals": [],
                                          "commits": []})
         p["runs"] += 1
-        p["seconds"] += r["train_seconds"]
+        # Records of one training run (rules sharing it, a refit of its model) name it: counted once.
+        p["trainings"][r.get("training", n)] = r["train_seconds"]
         p["intervals"].append((r["started"], r["ended"]))
         if r["commit"] not in p["commits"]:
             p["commits"].append(r["commit"])
     return [f"- `{name}` ({p['runs']} {unit}, commit {', '.join(p['commits'])}, "
             f"{busy_seconds(p['intervals']) / 60:.1f} min of wall time while its runs ran, "
-            f"{p['seconds'] / 60:.1f} min of training): {p['machine']}" for name, p in sorted(parts.items())] \
+            f"{sum(p['trainings'].values()) / 60:.1f} min of training): {p['machine']}"
+            for name, p in sorted(parts.items())] \
         or ["- none yet"]

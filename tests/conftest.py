@@ -113,10 +113,11 @@ def dataset(sources, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def wide_dataset(sources, tmp_path_factory) -> Path:
-    """A tiny dataset whose val shows every digit (the crossed val needs a donor of each)."""
+    """A tiny dataset whose val shows every digit (the crossed val needs a donor of each), and each
+    half of it too (DFR refits on one half and scores on the other)."""
     out = tmp_path_factory.mktemp("wide") / "course"
     assert main(["data", "build", "--cifar", str(sources["cifar_tgz"]), "--mnist", str(sources["mnist_tgz"]),
-                 "--out", str(out), "--set", "build.train_size=100", "--set", "build.val_size=60",
+                 "--out", str(out), "--set", "build.train_size=60", "--set", "build.val_size=100",
                  "--set", "build.test_size=40"]) == 0
     return out
 

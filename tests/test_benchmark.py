@@ -16,7 +16,7 @@ DEFAULT_SPEC = Path(__file__).resolve().parents[1] / "experiments" / "benchmark.
 
 SPEC = """
 name = "tiny"
-methods = ["erm", "groupdro"]
+methods = ["erm", "groupdro", "dfr"]
 reference = ["erm+shuffle"]
 settings = 2
 seeds = [0, 1]
@@ -44,6 +44,11 @@ def _args(spec, data, tmp, db, *extra):
 
 
 def test_two_processes_share_a_benchmark_and_a_part_merges(wide_dataset, tmp_path, monkeypatch, capsys):
+    from shortcut_study.benchmark import load_spec
+    from shortcut_study.diagnostics import score_model
+    from shortcut_study.run import Run
+    from shortcut_study.train import finish_trained
+
     monkeypatch.chdir(tmp_path)  # run folders go under ./studies, as the sweep's
     spec = tmp_path / "tiny.toml"
     spec.write_text(SPEC)
@@ -75,8 +80,21 @@ def test_two_processes_share_a_benchmark_and_a_part_merges(wide_dataset, tmp_pat
     assert "train.lr" in chosen["chosen"]["groupdro"]["worst_group"]["params"]
     assert "method.eta" in chosen["chosen"]["groupdro"]["worst_group"]["params"]
 
+    # DFR: neither searched nor trained — each ERM seed run's selected model, its last layer refit
+    assert "benchmark-tiny-dfr" not in {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    assert "dfr" not in {t.params["row"] for t in seeds}
+    dfr, erm = (json.loads((tmp_path / "out" / "runs" / f"{row}__worst_group__seed0.json").read_text())
+                for row in ("dfr", "erm"))
+    assert dfr["refit_of"] == "erm" and dfr["train_seconds"] == 0.0
+    assert (dfr["epoch"], dfr["params"], dfr["training"]) == (erm["epoch"], erm["params"], erm["training"])
+    model, _ = Run(Path("studies") / "benchmark-tiny-seeds" / f"erm-{erm['shared_run']}-seed0").load("cpu")
+    cfg = load_spec(spec).final_config("dfr", "worst_group", erm["params"], 0)
+    scores = score_model(finish_trained(model, cfg, wide_dataset), cfg, wide_dataset)[0]
+    assert dfr["test"]["acc"] == pytest.approx(scores["acc"]) and dfr["test"]["gap"] == pytest.approx(scores["gap"])
+
     table = (tmp_path / "out" / "benchmark.md").read_text()
     assert "| erm | worst_group | 2/2 |" in table and "erm+shuffle (reference" in table
+    assert "| dfr (refit of the erm runs' models) | worst_group | 2/2 |" in table
     assert "[" in table.split("| erm | worst_group | 2/2 |")[1].splitlines()[0]  # a 95 % interval from 2 seeds
     assert "`first`" in table
 
@@ -89,7 +107,7 @@ def test_two_processes_share_a_benchmark_and_a_part_merges(wide_dataset, tmp_pat
     table = (tmp_path / "out" / "benchmark.md").read_text()
     assert "| erm | worst_group | 3/3 |" in table and "`first`" in table and "`second`" in table
     runs = sorted(p.name for p in (tmp_path / "out" / "runs").glob("*.json"))
-    assert len(runs) == 18 and "erm__worst_group__seed2.json" in runs
+    assert len(runs) == 24 and "erm__worst_group__seed2.json" in runs and "dfr__worst_class__seed2.json" in runs
 
 
 @pytest.mark.parametrize("sets, message", [
@@ -112,7 +130,7 @@ def test_bad_benchmark_values_are_one_line(sets, message, wide_dataset, tmp_path
 def test_a_name_used_with_another_budget_is_refused(wide_dataset, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec = tmp_path / "tiny.toml"
-    spec.write_text(SPEC.replace('methods = ["erm", "groupdro"]', 'methods = ["erm"]'))
+    spec.write_text(SPEC.replace('methods = ["erm", "groupdro", "dfr"]', 'methods = ["erm"]'))
     assert main(_args(spec, wide_dataset, tmp_path, "a.db", "--set", "seeds=0", "--set", "reference=")) == 0
     assert main(_args(spec, wide_dataset, tmp_path, "a.db", "--set", "settings=3", "--set", "reference=",
                       "--out", str(tmp_path / "other"))) == 2

@@ -332,3 +332,26 @@ def test_a_collapsed_cell_and_its_refit_are_named_and_left_out(tmp_path):
     summary = pd.read_csv(out / "summary.csv").set_index(["method", "agreement", "digit_size"])
     assert summary.loc[("erm", 0.9, 16), "seeds_done"] == 1 and summary.loc[("erm", 0.9, 16), "acc_mean"] == 40.0
     assert summary.loc[("dfr", 0.9, 16), "seeds_done"] == 1
+
+
+def test_a_fresh_copy_of_the_sources_keeps_the_built_datasets(sources, tmp_path):
+    """Datasets are keyed by the sources' content: the shared folder made anew each session (same
+    archives, new times and paths) reuses what was built; another archive builds anew."""
+    import os
+    import shutil
+
+    from shortcut_study.compare import dataset_dir
+    from shortcut_study.config import make_config
+
+    cfg = make_config("methods", ["build.train_agreement=0.9"])
+    before = dataset_dir(cfg, (sources["cifar_tgz"], sources["mnist_tgz"]), tmp_path)
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for name in ("cifar_tgz", "mnist_tgz"):
+        shutil.copy(sources[name], copies / sources[name].name)
+        os.utime(copies / sources[name].name, (1e9, 1e9))
+    cifar, mnist = copies / sources["cifar_tgz"].name, copies / sources["mnist_tgz"].name
+    assert dataset_dir(cfg, (cifar, mnist), tmp_path) == before
+    with mnist.open("ab") as f:
+        f.write(b"\0")
+    assert dataset_dir(cfg, (cifar, mnist), tmp_path) != before

@@ -19,3 +19,11 @@ def test_a_part_in_two_sittings_counts_its_runs_not_the_break():
 
 def test_no_records_no_parts():
     assert part_lines([], "cells") == ["- none yet"]
+
+
+def test_records_of_one_training_run_count_its_training_once():
+    """Rules sharing a seed run and a refit of its model each leave a record naming the run."""
+    shared = [{**_record(0, 120, "abc"), "training": "erm worst_group+worst_class seed 0"} for _ in range(2)]
+    refit = {**_record(120, 130, "abc"), "train_seconds": 0.0, "training": "erm worst_group+worst_class seed 0"}
+    (line,) = part_lines([refit, *shared, _record(0, 60, "abc")], "seed runs")
+    assert "(4 seed runs, commit abc, 2.2 min of wall time while its runs ran, 3.0 min of training)" in line
