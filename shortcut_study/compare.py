@@ -122,9 +122,12 @@ class Grid:
                 "chosen": {m: self.method_sets(m) for m in self.methods}}
 
     def method_sets(self, entry: str) -> list[str]:
-        """The `--set` items of a method's chosen setting (a `+shuffle` entry takes its method's)."""
+        """The `--set` items of a method's chosen setting (a `+shuffle` entry takes its method's, a
+        refit entry its base's: the model it refits is trained with them)."""
         if not self.chosen:
             return []
+        if entry in self.derived:
+            entry = SHARED_BASE
         path = Path(self.chosen)
         if not path.is_file():
             raise UserError(f"grid chosen = {self.chosen!r}: no such file — run the benchmark first (`make benchmark`) "

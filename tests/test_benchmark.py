@@ -163,14 +163,15 @@ def test_a_strength_grid_trains_each_method_with_the_benchmarks_choice(tmp_path)
         "erm": {"worst_group": {"setting": 2, "params": {"train.lr": 0.05, "train.weight_decay": 0.0001}}},
         "groupdro": {"worst_group": {"setting": 1, "params": {"train.lr": 0.1, "method.eta": 0.2}}}}}))
     grid = tmp_path / "g.toml"
-    grid.write_text(f'name = "g"\nmethods = ["erm", "erm+shuffle", "groupdro"]\nagreements = [0.64]\n'
+    grid.write_text(f'name = "g"\nmethods = ["erm", "erm+shuffle", "groupdro", "dfr"]\nagreements = [0.64]\n'
                     f'digit_sizes = [16]\nseeds = [0]\npreset = "final"\nchosen = "{chosen}"\n')
     g = load_grid(grid)
     by = {c.method: g.cell_config(c) for c in g.cells}
     assert by["erm"].train.lr == 0.05 and by["erm+shuffle"].train.lr == 0.05  # the reference row takes ERM's
     assert by["erm+shuffle"].augment.digit_shuffle_p == 1.0 and by["erm"].augment.digit_shuffle_p == 0.0
     assert by["groupdro"].method["eta"] == 0.2 and by["groupdro"].train.lr == 0.1
-    grid.write_text(grid.read_text().replace('"erm", "erm+shuffle", "groupdro"', '"erm", "jtt"'))
+    assert by["dfr"].train.lr == 0.05  # a refit of the ERM cell's model: ERM's choice, whatever DFR's
+    grid.write_text(grid.read_text().replace('"erm", "erm+shuffle", "groupdro", "dfr"', '"erm", "jtt"'))
     with pytest.raises(UserError, match="no worst-group choice for method jtt"):
         load_grid(grid)
 
