@@ -100,8 +100,10 @@ def part_lines(records: list[dict[str, Any]], unit: str) -> list[str]:
         p = parts.setdefault(r["part"], {"machine": r["machine"], "runs": 0, "trainings": {}, "intervals": [],
                                          "commits": []})
         p["runs"] += 1
-        # Records of one training run (rules sharing it, a refit of its model) name it: counted once.
-        p["trainings"][r.get("training", n)] = r["train_seconds"]
+        # Records of one training run (rules sharing it, a refit of its model) name it: counted once,
+        # by the record that holds its time (a refit's holds 0), whichever is read first.
+        key = r.get("training", n)
+        p["trainings"][key] = max(p["trainings"].get(key, 0.0), r["train_seconds"])
         p["intervals"].append((r["started"], r["ended"]))
         if r["commit"] not in p["commits"]:
             p["commits"].append(r["commit"])

@@ -25,5 +25,6 @@ def test_records_of_one_training_run_count_its_training_once():
     """Rules sharing a seed run and a refit of its model each leave a record naming the run."""
     shared = [{**_record(0, 120, "abc"), "training": "erm worst_group+worst_class seed 0"} for _ in range(2)]
     refit = {**_record(120, 130, "abc"), "train_seconds": 0.0, "training": "erm worst_group+worst_class seed 0"}
-    (line,) = part_lines([refit, *shared, _record(0, 60, "abc")], "seed runs")
-    assert "(4 seed runs, commit abc, 2.2 min of wall time while its runs ran, 3.0 min of training)" in line
+    for records in ([refit, *shared, _record(0, 60, "abc")], [*shared, refit, _record(0, 60, "abc")]):
+        (line,) = part_lines(records, "seed runs")
+        assert "(4 seed runs, commit abc, 2.2 min of wall time while its runs ran, 3.0 min of training)" in line
