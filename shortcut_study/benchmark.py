@@ -396,6 +396,7 @@ def _seed_runner(opts: BenchmarkOptions, chosen: dict[str, Any], experiment_id: 
                       "images": sum(h["images_per_s"] * h["train_seconds"] for h in result.history),
                       "train_seconds": result.train_seconds, "started": started}
             scored: dict[int, dict[str, float]] = {}  # by epoch: rules selecting the same epoch share its scores
+            refits: dict[tuple[str, int], dict[str, float]] = {}  # and its refits, by (method, epoch)
             for rule in rules:
                 epoch, model = selected[rule]
                 if epoch not in scored:
@@ -405,7 +406,7 @@ def _seed_runner(opts: BenchmarkOptions, chosen: dict[str, Any], experiment_id: 
                     raise UserError(f"{opts.data}/test has no labels: the benchmark scores seed runs on the labelled "
                                     "test split")
                 if row == SHARED_BASE:  # first the refits of this model (a killed run redoes them all)
-                    _refit_records(opts, common, rule, epoch, model)
+                    _refit_records(opts, common, rule, epoch, model, refits)
                 record = {**common, "rule": rule, "epoch": epoch, "test": {k: v for k, v in test.items() if k in METRICS},
                           "ended": time.time()}
                 write_record(run_file(opts.out, row, rule, seed), record)
@@ -415,10 +416,13 @@ def _seed_runner(opts: BenchmarkOptions, chosen: dict[str, Any], experiment_id: 
     return run
 
 
-def _refit_records(opts: BenchmarkOptions, common: dict[str, Any], rule: str, epoch: int, model: Any) -> None:
+def _refit_records(opts: BenchmarkOptions, common: dict[str, Any], rule: str, epoch: int, model: Any,
+                   done: dict[tuple[str, int], dict[str, float]]) -> None:
     """The refit rows' records for one rule of an ERM seed run: each post-hoc method (DFR) applied to
-    the model the rule selected, scored on the test set. Their training is the ERM run's, counted
-    there (`train_seconds` 0 here); `seconds` is the refit's and scoring's own."""
+    the model the rule selected, scored on the test set — once per (method, epoch) of the run, kept
+    in `done` (rules selecting the same epoch share it, as they share its ERM scores). Their
+    training is the ERM run's, counted there (`train_seconds` 0 here); `seconds` is the refit's and
+    scoring's own."""
     import mlflow
 
     from .diagnostics import score_model
@@ -426,8 +430,10 @@ def _refit_records(opts: BenchmarkOptions, common: dict[str, Any], rule: str, ep
 
     for method in opts.spec.refits:
         started = time.time()
-        cfg = opts.spec.final_config(method, rule, common["params"], common["seed"])
-        test = score_model(finish_trained(model, cfg, opts.data), cfg, opts.data)[0]
+        if (method, epoch) not in done:
+            cfg = opts.spec.final_config(method, rule, common["params"], common["seed"])
+            done[(method, epoch)] = score_model(finish_trained(model, cfg, opts.data), cfg, opts.data)[0]
+        test = done[(method, epoch)]
         record = {**common, "row": method, "rule": rule, "epoch": epoch, "refit_of": SHARED_BASE, "val": {},
                   "train_seconds": 0.0, "images": 0, "test": {k: v for k, v in test.items() if k in METRICS},
                   "seconds": time.time() - started, "started": started, "ended": time.time()}

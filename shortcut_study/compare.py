@@ -24,6 +24,7 @@ finished are shown as missing, never as zero.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -286,9 +287,17 @@ def _source_identity(src: str | Path) -> str:
     anew, as each session's shared folder is, keeps the datasets built from it)."""
     p = Path(src)
     if p.is_file():
-        with p.open("rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        st = p.stat()
+        return _archive_digest(p.resolve(), st.st_size, st.st_mtime_ns)
     return str(p.resolve()) if p.exists() else str(src)
+
+
+@functools.lru_cache(maxsize=None)
+def _archive_digest(path: Path, size: int, mtime_ns: int) -> str:
+    """The archive's SHA-256, read once per process (every cell asks); size and time in the key
+    read it again after a change."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def dataset_dir(cfg: Config, sources: tuple[str, str], root: Path) -> Path:
