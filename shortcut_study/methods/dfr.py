@@ -16,7 +16,12 @@ Here the two halves are the ones the run already has: `selection_split` keeps on
 half) and selects the ERM epoch on the other, which then scores C. Deviations: worst-group accuracy
 on the scoring half is the minimum over the (class, digit) cells of its *crossed* version (as every
 worst-group number here, `metrics.py`; its natural version holds ~25 images per cell); groups absent
-from val are left out of the subsampling (the reference would subsample to 0).
+from val are left out of the subsampling (the reference would subsample to 0); the base model is
+the ERM epoch the run's rule selects, not the last one: the reference's `train_classifier.py`
+trains a fixed number of epochs and DFR refits its `final_checkpoint.pt`. The two coincide
+wherever ERM's selection keeps the last epoch (every strength-grid cell but those at agreement
+0.99, where the worst-group val ties at 0 and epoch 1 is kept);
+`experiments/probe/dfr_final_epoch.py` measures the difference there (`results/evidence.md`).
 """
 
 from __future__ import annotations
