@@ -425,17 +425,15 @@ def _refit_records(opts: BenchmarkOptions, common: dict[str, Any], rule: str, ep
     scoring's own."""
     import mlflow
 
-    from .diagnostics import score_model
-    from .train import finish_trained
+    from .diagnostics import score_refit
 
     for method in opts.spec.refits:
         started = time.time()
         if (method, epoch) not in done:
             cfg = opts.spec.final_config(method, rule, common["params"], common["seed"])
-            done[(method, epoch)] = score_model(finish_trained(model, cfg, opts.data), cfg, opts.data)[0]
-        test = done[(method, epoch)]
+            done[(method, epoch)] = score_refit(model, cfg, opts.data)
         record = {**common, "row": method, "rule": rule, "epoch": epoch, "refit_of": SHARED_BASE, "val": {},
-                  "train_seconds": 0.0, "images": 0, "test": {k: v for k, v in test.items() if k in METRICS},
+                  "train_seconds": 0.0, "images": 0, "test": done[(method, epoch)],
                   "seconds": time.time() - started, "started": started, "ended": time.time()}
         write_record(run_file(opts.out, method, rule, common["seed"]), record)
         mlflow.log_metrics({f"test_{method}_{rule}_{k}": v for k, v in record["test"].items() if math.isfinite(v)})

@@ -525,13 +525,10 @@ def _cell_runner(opts: CompareOptions, experiment_id: str, parent: str):
 def _refit_cell(opts: CompareOptions, cell: Cell, model: Any, data: Path, common: dict[str, Any]) -> None:
     """A derived cell (a post-hoc method on the ERM cell's model): refit, scored, recorded; its
     training fields are the ERM cell's, `seconds` the refit's and scoring's own."""
-    from .diagnostics import score_model
-    from .train import finish_trained
+    from .diagnostics import score_refit
 
     started, started_at = time.monotonic(), time.time()
-    cfg = opts.grid.cell_config(cell)
-    refit = finish_trained(model, cfg, data)
-    scores = {k: v for k, v in score_model(refit, cfg, data)[0].items() if k in METRICS}
+    scores = score_refit(model, opts.grid.cell_config(cell), data)
     write_record(cell_file(opts.out, cell), {**cell.params, **common, "train_seconds": 0.0, "test": scores,
                                              "seconds": time.monotonic() - started, "started": started_at,
                                              "ended": time.time()})

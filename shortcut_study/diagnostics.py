@@ -16,7 +16,7 @@ from .config import NUM_CLASSES, Config, GeometryConfig
 from .data.layout import SplitData, load_split, split_agreement
 from .crossed import with_donor_digits
 from .evaluate import evaluate_split, predict_logits, score_split
-from .metrics import eval_metrics
+from .metrics import METRICS, eval_metrics
 from .run import Run
 from .runtime import Runtime, train_runtime
 
@@ -167,3 +167,12 @@ def score_model(model: nn.Module, cfg: Config, data: str | Path,
     metrics, preds = evaluate_split(model, scored, rt, cfg.train.eval_batch_size, cfg.train.tta, cfg.geometry,
                                     train_agreement=split_agreement(data, "train"))
     return metrics, preds, scored.labels.numpy()
+
+
+def score_refit(model: nn.Module, cfg: Config, data: str | Path) -> dict[str, float]:
+    """A post-hoc method (`cfg.train.method`, e.g. DFR) applied to `model`, an ERM model trained on
+    `data` (`train.finish_trained`), scored on the test set: every metric of `metrics.METRICS`."""
+    from .train import finish_trained
+
+    refit = finish_trained(model, cfg, data)
+    return {k: v for k, v in score_model(refit, cfg, data)[0].items() if k in METRICS}

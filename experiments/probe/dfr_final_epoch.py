@@ -17,20 +17,19 @@ from pathlib import Path
 
 import torch
 
-from shortcut_study.compare import Cell, load_grid
-from shortcut_study.diagnostics import score_model
-from shortcut_study.metrics import METRICS
+from shortcut_study.compare import Cell, CompareOptions, cell_file, load_grid
+from shortcut_study.diagnostics import score_refit
 from shortcut_study.model import CNN, load_model
-from shortcut_study.train import finish_trained
+from shortcut_study.storage import STUDIES
 
-CELLS = Path("results/compare-cells")
+GRID = "experiments/compare.toml"
 SHOWN = ("acc", "aligned_acc", "conflicting_acc", "gap", "worst_group_acc", "worst_class_acc")
 
 
-def erm_run_dirs(seed: int) -> dict[float, Path]:
-    """agreement -> the run folder of seed `seed`'s ERM cell (the last one that finished)."""
+def erm_run_dirs(options: CompareOptions) -> dict[float, Path]:
+    """agreement -> the run folder of the grid's ERM cell (the last one that finished)."""
     found: dict[float, Path] = {}
-    for cfg_path in sorted(Path(f"studies/compare-strength-seeds-{seed}").glob("cell-*/config.json")):
+    for cfg_path in sorted((STUDIES / options.study).glob("cell-*/config.json")):
         cfg = json.loads(cfg_path.read_text())
         if (cfg["train"]["method"] == "erm" and cfg["augment"]["digit_shuffle_p"] == 0
                 and (cfg_path.parent / "last.pt").is_file()):
@@ -48,11 +47,11 @@ def dataset_of(agreement: float) -> Path:
     raise SystemExit(f"no grid dataset for agreement {agreement:g} in data/ — run `make compare` first")
 
 
-def refit_scores(model: CNN, cell: Cell, data: Path) -> dict[str, float]:
-    cfg = load_grid("experiments/compare.toml").cell_config(cell)
-    cfg.train.threads = 1  # a grid worker's
-    refit = finish_trained(model, cfg, data)
-    return {k: v for k, v in score_model(refit, cfg, data)[0].items() if k in METRICS}
+def last_epoch_model(run: Path) -> tuple[CNN, int]:
+    state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    model = CNN()
+    model.load_state_dict(state["model"])
+    return model, state["epoch"]
 
 
 def row(label: str, scores: dict[str, float]) -> str:
@@ -65,20 +64,20 @@ def main() -> None:
     print(torch.backends.cpu.get_cpu_capability())
     print("| cell | " + " | ".join(SHOWN) + " |\n|---|" + "---|" * len(SHOWN))
     for seed in (0, 1, 2):
-        runs = erm_run_dirs(seed)
+        options = CompareOptions(load_grid(GRID, [f"seeds={seed}"]), cifar="", mnist="")
+        runs = erm_run_dirs(options)
         for agreement in agreements:
             cell = Cell("dfr", agreement, 16, seed)
-            record = json.loads((CELLS / f"dfr__a{agreement:g}__d16__seed{seed}.json").read_text())
+            record = json.loads(cell_file(options.out, cell).read_text())
+            cfg = options.grid.cell_config(cell)
+            cfg.train.threads = 1  # a grid worker's
             data = dataset_of(agreement)
-            run = runs[agreement]
-            selected = refit_scores(load_model(run / "q1_model.pt"), cell, data)
+            selected = score_refit(load_model(runs[agreement] / "q1_model.pt"), cfg, data)
             parity = all(abs(selected[k] - record["test"][k]) < 1e-9 for k in SHOWN)
-            last_state = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
-            last = CNN()
-            last.load_state_dict(last_state["model"])
+            last, last_epoch = last_epoch_model(runs[agreement])
             print(row(f"a={agreement:g} seed {seed}: DFR record (epoch {record['epoch']})", record["test"]))
             print(row(f"… selected model refit again (parity {'ok' if parity else 'DIFFERS'})", selected))
-            print(row(f"… last epoch ({last_state['epoch']}) refit", refit_scores(last, cell, data)), flush=True)
+            print(row(f"… last epoch ({last_epoch}) refit", score_refit(last, cfg, data)), flush=True)
 
 
 if __name__ == "__main__":
